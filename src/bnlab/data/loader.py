@@ -86,30 +86,49 @@ class DeviceLoader:
         self.epoch = epoch
 
     def _indices(self) -> Tensor:
+        """This rank's sample order for the current epoch.
+
+        Training (``drop_last``): equal contiguous shards of one global permutation, so every rank
+        takes the same number of steps (DDP needs that). Otherwise strided shards that together
+        cover every sample exactly once (evaluation).
+        """
         n = len(self.x)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             perm = torch.randperm(n, generator=g)
         else:
             perm = torch.arange(n)
-        per_rank = n // self.world_size if self.world_size > 1 else n
-        return perm[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else perm
+        if self.world_size == 1:
+            return perm
+        if self.drop_last:
+            per_rank = n // self.world_size
+            return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return perm[self.rank::self.world_size]
 
     def __len__(self) -> int:
-        n = len(self._indices()) if self.world_size > 1 else len(self.x)
+        n = len(self._indices())
         batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
         if self.max_batches is not None:
             batches = min(batches, self.max_batches)
         return max(batches, 0)
 
+    def _batch_generator(self, b: int) -> torch.Generator:
+        """Augmentation RNG of batch ``b``: a pure function of (seed, epoch, rank, b), so a run
+        resumed in the middle of an epoch draws exactly the same crops and flips."""
+        key = ((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) * 100_003 + b
+        return torch.Generator().manual_seed(key % (2**63 - 1))
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``start_batch, start_batch + 1, ...`` of the current epoch (for resuming)."""
         idx = self._indices().to(self.device)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 7 + 1 + self.rank)
-        for b in range(len(self)):
+        for b in range(start_batch, len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             xb = self.x.index_select(0, sel)
             if self.augment:
-                xb = augment_batch(xb, self.crop_padding, self.flip, g)
+                xb = augment_batch(xb, self.crop_padding, self.flip, self._batch_generator(b))
             xb = normalize_batch(xb, self.mean, self.std, self.dtype)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
