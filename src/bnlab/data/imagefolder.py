@@ -149,7 +149,7 @@ class FolderDataset(torch.utils.data.Dataset):
         s = self.image_size
         if self.train:
             top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, rng)
-            out = img.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
+            out = img.crop((left, top, left + w, top + h)).resize((s, s), Image.BILINEAR)  # as torchvision
             arr = np.asarray(out)
             if self.flip and rng.random() < 0.5:
                 arr = arr[:, ::-1]
