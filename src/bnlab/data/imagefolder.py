@@ -176,7 +176,8 @@ class FolderLoader:
     """Batches ``(float (B, 3, S, S) normalised, int64 (B,))`` from a :class:`FolderDataset`, decoded
     by ``num_workers`` DataLoader processes. Sampling follows ``DeviceLoader``: epoch ``e`` uses
     the permutation of ``torch.Generator`` seeded ``seed * 1_000_003 + e``; rank ``r`` of ``world``
-    takes the ``r``-th of ``world`` equal contiguous shards (``len // world`` samples each)."""
+    takes the ``r``-th of ``world`` equal contiguous shards with ``drop_last`` (training), else
+    every ``world``-th sample from ``r`` (evaluation covers each sample exactly once)."""
 
     def __init__(
         self,
@@ -219,7 +220,8 @@ class FolderLoader:
         self.epoch = epoch
 
     def indices(self) -> Tensor:
-        """The sample indices this rank visits in the current epoch, in order."""
+        """The sample indices this rank visits in the current epoch, in order (``DeviceLoader``'s
+        rule: equal contiguous shards when ``drop_last``, else strided shards covering every sample)."""
         n = len(self.dataset)
         if self.shuffle:
             perm = torch.randperm(
@@ -227,11 +229,15 @@ class FolderLoader:
             )
         else:
             perm = torch.arange(n)
-        per = n // self.world_size
-        return perm[self.rank * per : (self.rank + 1) * per] if self.world_size > 1 else perm
+        if self.world_size == 1:
+            return perm
+        if self.drop_last:
+            per = n // self.world_size
+            return perm[self.rank * per : (self.rank + 1) * per]
+        return perm[self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        n = len(self.dataset) // self.world_size
+        n = len(self.indices())
         b = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
         return min(b, self.max_batches) if self.max_batches is not None else b
 
