@@ -1,0 +1,292 @@
+"""G-SGD: SGD on basis-path values, executed on the weights (Meng et al., ICLR 2019; restated in
+Luo et al., UAI 2021, eqs 6-7; update of pbn.md Sec. 4.2).
+
+Per block (weights ``U^1..U^n``, masks ``M^l``, ``N^l = 1 - M^l``, gradients ``g^l``, lr ``eta``)::
+
+    v[k]     = U^1[k, k mod C_in, centre]                   skeleton path values (H,)
+    sigma[k] = sum_{l>=2} sum_{o, taps} (N^l U^l g^l)[o, k]  (H,)
+    path gradients:  d_s = gs - sigma / v;  d^1 = N^1 (g^1 + wd U^1);  d^l = N^l (g^l / v_k + wd U^l v_k)
+    (momentum extension: SGD momentum buffers on these path gradients, D = buf or d)
+    R        = 1 - eta * D_s / v                             path ratio of skeleton path k
+    U^1     <- N^1 (U^1 - eta D^1) + M^1 U^1 R[row]
+    U^l     <- N^l (U^l - eta D^l / v_k) / R_k + M^l U^l     (skeleton constants untouched)
+
+which is exactly ``torch.optim.SGD`` (with the same momentum/dampening/Nesterov rules) on the
+coordinates ``{v_k} u {layer-1 non-skeleton} u {v^l = U^l v_k}``, with weight decay
+``(wd/2) sum v_p^2`` on the non-skeleton path values only (official code, pbn.md Sec. 4.2 / 7 #9).
+``wnorm=True`` reproduces the "G-SGD + BN(wnorm)" baseline (pbn.md Sec. 4.3): non-skeleton gradients
+are multiplied by ``||U^l[o, :, taps]||`` (norm over input channels), the skeleton gradient divided by
+that of layer 1's centre tap. Groups without ``roles`` are ``torch.optim.SGD`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _sgd_functional
+
+from ..path.skeleton import ROLES, skeleton_mask
+
+__all__ = ["GSGD", "gsgd_step_block"]
+
+
+def _col(t: Tensor, dim: int) -> Tensor:
+    """(H,) -> broadcastable along dim 1 of a ``dim``-D weight."""
+    return t.view(1, -1, *([1] * (dim - 2)))
+
+
+def _row(t: Tensor, dim: int) -> Tensor:
+    return t.view(-1, *([1] * (dim - 1)))
+
+
+def gsgd_step_block(
+    weights: list[Tensor], grads: list[Tensor], masks: list[Tensor], *, lr: float, weight_decay: float,
+    momentum: float, dampening: float, nesterov: bool, wnorm: bool, r_min: float | None,
+    buffers: list[Tensor | None], skel_buffer: Tensor | None,
+) -> tuple[list[Tensor], list[Tensor | None], Tensor | None, Tensor, Tensor, Tensor]:
+    """One G-SGD step of one block (pure function; see module docstring).
+
+    weights/grads/masks: ``[U^1 (H, C_in, *k), U^2 (*, H, *k), ...]``. Returns ``(new weights,
+    new path-space buffers, new skeleton buffer, v (H,), R (H,), number of clamped R)``.
+    """
+    w0, g0, m0 = weights[0], grads[0], masks[0]
+    red0 = (1, *range(2, w0.dim()))
+    v = (w0 * m0).sum(red0)
+    gs = (g0 * m0).sum(red0)
+    sigma = torch.zeros_like(v)
+    for w, g, m in zip(weights[1:], grads[1:], masks[1:]):
+        sigma = sigma + ((1 - m) * w * g).sum((0, *range(2, w.dim())))
+    wn = [w.norm(2, dim=1, keepdim=True) if wnorm else None for w in weights]
+    if wnorm:
+        d_s = (v * gs - sigma) / (v * (wn[0] * m0).sum(red0))
+    else:
+        d_s = gs - sigma / v
+    ds: list[Tensor] = []
+    for idx, (w, g, m) in enumerate(zip(weights, grads, masks)):
+        gg = g * wn[idx] if wnorm else g
+        if idx == 0:
+            d = (1 - m) * (gg + weight_decay * w)
+        else:
+            vc = _col(v, w.dim())
+            d = (1 - m) * (gg / vc + weight_decay * w * vc)
+        ds.append(d)
+    # SGD momentum in path space (torch.optim.SGD rules: first buffer = clone of the gradient)
+    new_bufs: list[Tensor | None] = []
+    if momentum != 0:
+        steps = []
+        for d, buf in zip([d_s, *ds], [skel_buffer, *buffers]):
+            if buf is None:
+                buf = d.clone()
+            else:
+                buf = buf * momentum + d * (1 - dampening)
+            new_bufs.append(buf)
+            steps.append(d + momentum * buf if nesterov else buf)
+        d_s, ds = steps[0], steps[1:]
+        skel_buffer, buffers = new_bufs[0], new_bufs[1:]
+    R = 1 - lr * d_s / v
+    clamped = torch.zeros((), device=v.device)
+    if r_min is not None:
+        clamped = (R < r_min).sum()
+        R = R.clamp_min(r_min)
+    new = [torch.where(m0.bool(), w0 * _row(R, w0.dim()), w0 - lr * ds[0])]
+    for w, d, m in zip(weights[1:], ds[1:], masks[1:]):
+        vc, rc = _col(v, w.dim()), _col(R, w.dim())
+        new.append(torch.where(m.bool(), w, (w - lr * d / vc) / rc))
+    return new, list(buffers), skel_buffer, v, R, clamped
+
+
+class GSGD(Optimizer):
+    """G-SGD (see module docstring). ``params``: :func:`bnlab.path.param_groups` output: groups with
+    ``roles`` (a block's weights, in order) get the path-space update; groups without are plain SGD.
+
+    Args: ``lr``, ``momentum`` (path-space momentum for blocks: an extension, 0 in the papers),
+    ``dampening``, ``weight_decay`` (path-space decay for blocks, coupled L2 elsewhere), ``nesterov``,
+    ``maximize``, ``foreach`` (plain-SGD groups), ``wnorm`` ("G-SGD + BN(wnorm)"), ``r_min`` (clamp
+    ``R_k`` from below; ``None``: off, faithful), ``check`` (warn when ``R_k <= 0``, raise on
+    non-finite ``R``/``v``; one device sync per step).
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, wnorm: bool = False, r_min: float | None = None,
+                 check: bool = True) -> None:
+        for name, val in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
+                raise ValueError(f"{name} must be a float >= 0, got {val!r}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"nesterov requires momentum > 0 and dampening = 0, got momentum={momentum!r}, "
+                             f"dampening={dampening!r}")
+        if r_min is not None and not (isinstance(r_min, (int, float)) and r_min > 0):
+            raise ValueError(f"r_min must be None or a float > 0, got {r_min!r}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, fused=None, wnorm=wnorm,
+                        r_min=r_min, roles=None, block="", differentiable=False)
+        super().__init__(params, defaults)
+        self.check = check
+        self._masks: dict[tuple, Tensor] = {}
+        self._reset_telemetry()
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        roles = group["roles"]
+        if roles is None:
+            return
+        name = group.get("block") or "?"
+        params = group["params"]
+        if len(roles) != len(params) or len(params) < 2:
+            raise ValueError(f"GSGD block {name!r}: roles {roles} must list one role per weight "
+                             "(>= 2 weights)")
+        if roles[0] != "first" or roles[-1] != "last" or any(r != "mid" for r in roles[1:-1]) or \
+                any(r not in ROLES for r in roles):
+            raise ValueError(f"GSGD block {name!r}: roles must be first, mid..., last; got {roles}")
+        h = params[0].shape[0]
+        for i, p in enumerate(params[1:], 2):
+            if p.dim() < 2 or p.shape[1] != h or (i < len(params) and p.shape[0] != h):
+                raise ValueError(f"GSGD block {name!r}, layer {i}: weight shape {tuple(p.shape)} breaks the "
+                                 f"design rule (hidden width {h} in and out of every hidden layer)")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_masks"):
+            self._validate_group(self.param_groups[-1])
+
+    def _mask(self, p: Tensor, role: str) -> Tensor:
+        key = (tuple(p.shape), role, p.device, p.dtype)
+        if key not in self._masks:
+            self._masks[key] = skeleton_mask(p.shape, role, p.device, p.dtype)
+        return self._masks[key]
+
+    # -- telemetry --------------------------------------------------------------------------------
+    def _reset_telemetry(self) -> None:
+        self._tele: dict[str, Tensor | int] = {"steps": 0}
+
+    def _record(self, v: Tensor, R: Tensor, clamped: Tensor) -> None:
+        t = self._tele
+        mins = torch.stack([v.abs().min(), R.min(), -R.max()]).detach()
+        t["mins"] = mins if "mins" not in t else torch.minimum(t["mins"], mins)
+        t["clamped"] = clamped if "clamped" not in t else t["clamped"] + clamped
+
+    def telemetry(self) -> dict[str, float]:
+        """Since the last call: ``gsgd_min_abs_v``, ``gsgd_min_R``, ``gsgd_max_R`` over all blocks and
+        steps, ``gsgd_clamped`` (R values clamped by ``r_min``), ``gsgd_steps``. Resets the counters."""
+        t = self._tele
+        out = {"gsgd_steps": float(t["steps"])}
+        if "mins" in t:
+            a, b, c = t["mins"].tolist()
+            out.update(gsgd_min_abs_v=a, gsgd_min_R=b, gsgd_max_R=-c, gsgd_clamped=float(t["clamped"]))
+        self._reset_telemetry()
+        return out
+
+    # -- step --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = []
+        for group in self.param_groups:
+            if group["roles"] is None:
+                self._sgd_group(group)
+            else:
+                upd = self._block_update(group)
+                if upd is not None:
+                    pending.append(upd)
+        if pending and self.check:
+            self._check(pending)
+        for group, new, bufs, sbuf, v, R, clamped in pending:
+            params = group["params"]
+            for p, w, b in zip(params, new, bufs):
+                p.copy_(w)
+                if b is not None:
+                    self.state[p]["momentum_buffer"] = b
+            if sbuf is not None:
+                self.state[params[0]]["skeleton_buffer"] = sbuf
+            self._record(v, R, clamped)
+        self._tele["steps"] = int(self._tele["steps"]) + 1
+        return loss
+
+    def _sgd_group(self, group: dict[str, Any]) -> None:
+        params, grads, bufs = [], [], []
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+                if group["momentum"] != 0:
+                    bufs.append(self.state[p].get("momentum_buffer"))
+        if not params:
+            return
+        _sgd_functional(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                        lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                        maximize=group["maximize"], has_sparse_grad=False, foreach=group["foreach"])
+        if group["momentum"] != 0:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+    def _block_update(self, group: dict[str, Any]):
+        params = group["params"]
+        if all(p.grad is None for p in params):
+            return None
+        ws = [p.detach() for p in params]
+        gs = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+        if any(g.is_sparse for g in gs):
+            raise ValueError(f"GSGD block {group['block']!r}: sparse gradients are not supported")
+        if group["maximize"]:
+            gs = [-g for g in gs]
+        masks = [self._mask(p, r) for p, r in zip(params, group["roles"])]
+        mom = group["momentum"]
+        bufs = [self.state[p].get("momentum_buffer") if mom != 0 else None for p in params]
+        sbuf = self.state[params[0]].get("skeleton_buffer") if mom != 0 else None
+        new, bufs, sbuf, v, R, clamped = gsgd_step_block(
+            ws, gs, masks, lr=group["lr"], weight_decay=group["weight_decay"], momentum=mom,
+            dampening=group["dampening"], nesterov=group["nesterov"], wnorm=group["wnorm"],
+            r_min=group["r_min"], buffers=bufs, skel_buffer=sbuf)
+        return group, new, bufs, sbuf, v, R, clamped
+
+    def _check(self, pending) -> None:
+        flags = torch.stack([torch.stack([(~torch.isfinite(R)).any() | (v == 0).any() |
+                                          (~torch.isfinite(torch.stack([w.sum() for w in new]))).any(),
+                                          (R <= 0).any()])
+                             for _g, new, _b, _s, v, R, _c in pending]).tolist()
+        for (group, _n, _b, _s, v, R, _c), (bad, flip) in zip(pending, flags):
+            name = group["block"]
+            if bad:
+                raise FloatingPointError(
+                    f"GSGD block {name!r}: degenerate step (min |v_k| = {float(v.abs().min()):.3g}, "
+                    f"R_k in [{float(R.min()):.3g}, {float(R.max()):.3g}]); no weight was changed. "
+                    "Lower lr or set r_min")
+            if flip:
+                k = int(torch.argmin(R))
+                warnings.warn(f"GSGD block {name!r}: path ratio R_k = {float(R[k]):.3g} <= 0 for skeleton "
+                              f"path {k} (v_k changes sign; |v_k| = {float(v[k].abs()):.3g}); "
+                              "set r_min to clamp", RuntimeWarning, stacklevel=3)
+
+
+def _builder(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+             nesterov: bool = False, **options: Any) -> GSGD:
+    """``make_optimizer("gsgd", model, ...)``: refuses a model that is not in path space."""
+    from ..path.reparam import param_groups
+
+    allowed = {"wnorm", "r_min", "dampening", "check", "maximize", "foreach"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"optimizer 'gsgd': unknown option(s) {sorted(unknown)}; expected {sorted(allowed)}")
+    if not math.isfinite(lr):
+        raise ValueError(f"lr must be finite, got {lr!r}")
+    return GSGD(param_groups(model), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                **options)
+
+
+def _register() -> None:
+    from . import register_optimizer
+
+    register_optimizer("gsgd", _builder)
+
+
+_register()

@@ -1,0 +1,245 @@
+"""G-SGD equals SGD on basis-path coordinates (pbn.md Sec. 4, Sec. 8 tests 2-3)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import bnlab.path as bpath
+from bnlab.models import build
+from bnlab.nn import BatchNormAct
+from bnlab.nn.path_bn import PathBatchNorm, PathConv2d, PathUnit
+from bnlab.optim import GSGD, make_optimizer
+
+DT = torch.float64
+
+
+# -- helpers: path coordinates <-> weights -----------------------------------------------------------
+def _to_path(ws, ms):
+    """weights -> (v (H,), layer-1 weight, [v^l = U^l v_k])."""
+    v = (ws[0] * ms[0]).sum((1, *range(2, ws[0].dim())))
+    col = [v.view(1, -1, *([1] * (w.dim() - 2))) for w in ws[1:]]
+    return v, ws[0].clone(), [w * (1 - m) * c for w, m, c in zip(ws[1:], ms[1:], col)]
+
+
+def _to_weights(v, w1, vls, ms):
+    rows = v.view(-1, *([1] * (w1.dim() - 1)))
+    out = [w1 * (1 - ms[0]) + ms[0] * rows]
+    for vl, m in zip(vls, ms[1:]):
+        out.append(vl * (1 - m) / v.view(1, -1, *([1] * (vl.dim() - 2))) + m)
+    return out
+
+
+def _reference_steps(loss_of_weights, ws, ms, steps, lr, wd, **sgd):
+    """torch.optim.SGD on path coordinates; decay on non-skeleton path values only."""
+    v, w1, vls = _to_path([w.detach() for w in ws], ms)
+    coords = [t.clone().requires_grad_() for t in (v, w1, *vls)]
+    opt = torch.optim.SGD([{"params": coords[:1], "weight_decay": 0.0},
+                           {"params": coords[1:], "weight_decay": wd}], lr=lr, **sgd)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of_weights(_to_weights(coords[0], coords[1], coords[2:], ms)).backward()
+        opt.step()
+    return [t.detach() for t in _to_weights(coords[0], coords[1], coords[2:], ms)]
+
+
+def _gsgd_steps(loss_of_weights, ws, roles, steps, lr, wd, **kw):
+    params = [nn.Parameter(w.detach().clone()) for w in ws]
+    opt = GSGD([{"params": params, "roles": roles, "block": "b"}], lr=lr, weight_decay=wd, **kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of_weights(params).backward()
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+def _mlp_problem():
+    """Bias-free MLP 3 -> 5 -> 5 -> 5 -> 4 (L = 4), no BN, positive-diagonal start."""
+    torch.manual_seed(1)
+    shapes = [(5, 3), (5, 5), (5, 5), (4, 5)]
+    roles = bpath.roles_for(4)
+    ms = [bpath.skeleton_mask(s, r, dtype=DT) for s, r in zip(shapes, roles)]
+    ws = [torch.randn(*s, dtype=DT) * 0.5 for s in shapes]
+    ws = [ws[0] * (1 - ms[0]) + 1.3 * ms[0]] + [w * (1 - m) + m for w, m in zip(ws[1:], ms[1:])]
+    x, y = torch.randn(16, 3, dtype=DT), torch.randint(0, 4, (16,))
+
+    def loss(w):
+        z = x
+        for i, wi in enumerate(w):
+            z = z @ wi.T
+            z = F.relu(z) if i < len(w) - 1 else z
+        return F.cross_entropy(z, y)
+
+    return loss, ws, ms, roles
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_one_step_equals_sgd_on_path_coordinates_mlp(wd):
+    loss, ws, ms, roles = _mlp_problem()
+    ref = _reference_steps(loss, ws, ms, 1, lr=0.3, wd=wd)
+    got, _ = _gsgd_steps(loss, ws, roles, 1, lr=0.3, wd=wd)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-12
+    assert max((a - b).abs().max().item() for a, b in zip(got, ws)) > 1e-3     # it did move
+
+
+def _conv_block_problem():
+    """3-layer conv block 3 -> 6 -> 6 -> 4 (modulo masks): BN in layer 1, Path-BN in layers 2-3."""
+    torch.manual_seed(2)
+    u1 = PathUnit(PathConv2d(3, 6, 3, 1, 1, role="first", dtype=DT), BatchNormAct(6, dtype=DT))
+    u2 = PathUnit(PathConv2d(6, 6, 3, 2, 1, role="mid", dtype=DT), PathBatchNorm(6, lam=1.0, dtype=DT))
+    u3 = PathUnit(PathConv2d(6, 4, 1, 1, 0, role="last", dtype=DT),
+                  PathBatchNorm(4, lam=0.1, act=None, dtype=DT))
+    net = nn.Sequential(u1, u2, u3)
+    names = ["0.conv.weight", "1.conv.weight", "2.conv.weight"]
+    ms = [u.conv.skeleton_mask for u in (u1, u2, u3)]
+    ws = [u.conv.weight.detach() * (1 - m) + m * (1.2 if i == 0 else 1.0)
+          for i, (u, m) in enumerate(zip((u1, u2, u3), ms))]
+    x, y = torch.randn(8, 3, 6, 6, dtype=DT), torch.randint(0, 4, (8,))
+
+    def loss(w):
+        out = functional_call(net, dict(zip(names, w)), (x,))
+        return F.cross_entropy(out.mean((2, 3)), y)
+
+    return loss, ws, ms, ["first", "mid", "last"]
+
+
+def test_one_step_equals_sgd_on_path_coordinates_conv_block_with_pathbn_and_wd():
+    loss, ws, ms, roles = _conv_block_problem()
+    ref = _reference_steps(loss, ws, ms, 1, lr=0.5, wd=0.02)
+    got, _ = _gsgd_steps(loss, ws, roles, 1, lr=0.5, wd=0.02)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-12
+
+
+@pytest.mark.parametrize("sgd", [dict(momentum=0.9), dict(momentum=0.8, dampening=0.3),
+                                 dict(momentum=0.9, nesterov=True)])
+def test_path_space_momentum_equals_sgd_momentum_on_path_coordinates(sgd):
+    loss, ws, ms, roles = _conv_block_problem()
+    ref = _reference_steps(loss, ws, ms, 3, lr=0.2, wd=0.01, **sgd)
+    got, _ = _gsgd_steps(loss, ws, roles, 3, lr=0.2, wd=0.01, **sgd)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-11
+
+
+def test_wnorm_variant_scales_path_gradients():
+    """BN(wnorm) (pbn.md Sec. 4.3): SGD on path coordinates whose loss gradients are multiplied by
+    ||U^l[o, :, taps]|| (non-skeleton) or divided by layer 1's centre norm (skeleton)."""
+    loss, ws, ms, roles = _conv_block_problem()
+    lr = 0.3
+    v, w1, vls = _to_path(ws, ms)
+    coords = [t.clone().requires_grad_() for t in (v, w1, *vls)]
+    loss(_to_weights(coords[0], coords[1], coords[2:], ms)).backward()
+    wn = [w.norm(2, dim=1, keepdim=True) for w in ws]
+    gv = coords[0].grad / (wn[0] * ms[0]).sum((1, 2, 3))
+    new = [coords[0] - lr * gv, coords[1] - lr * coords[1].grad * wn[0]]
+    new += [c - lr * c.grad * w for c, w in zip(coords[2:], wn[1:])]
+    ref = _to_weights(new[0].detach(), new[1].detach(), [t.detach() for t in new[2:]], ms)
+    got, _ = _gsgd_steps(loss, ws, roles, 1, lr=lr, wd=0.0, wnorm=True)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-12
+
+
+def test_skeleton_entries_never_change_and_model_trains():
+    torch.manual_seed(0)
+    model = build("resnet18", norm="pbn", width=0.0625)
+    consts = {id(m): m.weight.detach()[m.skeleton_mask.bool()].clone()
+              for m in model.modules() if isinstance(m, PathConv2d) and m.role != "first"}
+    opt = make_optimizer("gsgd", model, lr=0.1, weight_decay=1e-4)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for m in model.modules():
+        if id(m) in consts:
+            assert torch.equal(m.weight.detach()[m.skeleton_mask.bool()], consts[id(m)])   # bit-identical
+    tele = opt.telemetry()
+    assert tele["gsgd_steps"] == 8.0 and 0 < tele["gsgd_min_abs_v"]
+    assert tele["gsgd_min_R"] <= tele["gsgd_max_R"]
+    assert all(isinstance(v, float) for v in tele.values())
+    assert opt.telemetry() == {"gsgd_steps": 0.0}                                        # reset
+
+
+@pytest.mark.parametrize("sgd", [dict(), dict(momentum=0.9, weight_decay=1e-3),
+                                 dict(momentum=0.9, nesterov=True)])
+def test_plain_groups_are_exactly_torch_sgd(sgd):
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    b = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    b.load_state_dict(a.state_dict())
+    oa = GSGD(a.parameters(), lr=0.1, **sgd)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, **sgd)
+    for _ in range(3):
+        x = torch.randn(6, 4)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_state_dict_round_trip_with_momentum():
+    torch.manual_seed(0)
+    model = build("mlp", norm="pbn", hidden=[8, 8], in_channels=1, input_size=4)
+    opt = make_optimizer("gsgd", model, lr=0.05, momentum=0.9)
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["roles"] == ["first", "mid", "last"]
+    opt2 = make_optimizer("gsgd", model, lr=0.05, momentum=0.9)
+    opt2.load_state_dict(sd)
+    w0 = model.layers[0].conv.weight
+    assert torch.equal(opt2.state[w0]["skeleton_buffer"], opt.state[w0]["skeleton_buffer"])
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+def test_refuses_model_not_in_path_space():
+    with pytest.raises(ValueError, match="no path-space layers.*norm='pbn'"):
+        make_optimizer("gsgd", build("resnet18", norm="bn", width=0.0625), lr=0.1)
+    with pytest.raises(ValueError, match="unknown option"):
+        make_optimizer("gsgd", build("resnet18", norm="pbn", width=0.0625), lr=0.1, foo=1)
+
+
+def test_degenerate_v_raises_and_leaves_weights():
+    loss, ws, ms, roles = _mlp_problem()
+    ws[0] = ws[0] * (1 - ms[0])                                   # v_k = 0
+    params = [nn.Parameter(w.clone()) for w in ws]
+    opt = GSGD([{"params": params, "roles": roles, "block": "blk7"}], lr=0.1)
+    loss(params).backward()
+    with pytest.raises(FloatingPointError, match="blk7"):
+        opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(params, ws))
+
+
+def test_sign_flip_warns_and_r_min_clamps():
+    loss, ws, ms, roles = _mlp_problem()
+    params = [nn.Parameter(w.clone()) for w in ws]
+    opt = GSGD([{"params": params, "roles": roles, "block": "blk3"}], lr=1e4)
+    loss(params).backward()
+    with pytest.warns(RuntimeWarning, match="blk3.*R_k"):
+        opt.step()
+    params = [nn.Parameter(w.clone()) for w in ws]
+    opt = GSGD([{"params": params, "roles": roles, "block": "blk3"}], lr=1e4, r_min=0.1)
+    loss(params).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    tele = opt.telemetry()
+    assert tele["gsgd_min_R"] == pytest.approx(0.1) and tele["gsgd_clamped"] >= 1
+
+
+def test_bad_group_roles_are_reported():
+    w = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5, 4))]
+    with pytest.raises(ValueError, match="roles must be first"):
+        GSGD([{"params": w, "roles": ["mid", "last"], "block": "x"}], lr=0.1)
+    w = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(2, 5))]
+    with pytest.raises(ValueError, match="design rule"):
+        GSGD([{"params": w, "roles": ["first", "mid", "last"], "block": "x"}], lr=0.1)
