@@ -226,6 +226,7 @@ def test_sign_flip_warns_and_r_min_clamps():
     loss(params).backward()
     with pytest.warns(RuntimeWarning, match="blk3.*R_k"):
         opt.step()
+    assert opt.telemetry()["gsgd_sign_flips"] >= 1
     params = [nn.Parameter(w.clone()) for w in ws]
     opt = GSGD([{"params": params, "roles": roles, "block": "blk3"}], lr=1e4, r_min=0.1)
     loss(params).backward()

@@ -129,6 +129,7 @@ class GSGD(Optimizer):
         super().__init__(params, defaults)
         self.check = check
         self._masks: dict[tuple, Tensor] = {}
+        self._warned: set[str] = set()
         self._reset_telemetry()
         for group in self.param_groups:
             self._validate_group(group)
@@ -170,16 +171,20 @@ class GSGD(Optimizer):
         t = self._tele
         mins = torch.stack([v.abs().min(), R.min(), -R.max()]).detach()
         t["mins"] = mins if "mins" not in t else torch.minimum(t["mins"], mins)
-        t["clamped"] = clamped if "clamped" not in t else t["clamped"] + clamped
+        counts = torch.stack([clamped.to(R.dtype), (R <= 0).sum().to(R.dtype)])
+        t["counts"] = counts if "counts" not in t else t["counts"] + counts
 
     def telemetry(self) -> dict[str, float]:
         """Since the last call: ``gsgd_min_abs_v``, ``gsgd_min_R``, ``gsgd_max_R`` over all blocks and
-        steps, ``gsgd_clamped`` (R values clamped by ``r_min``), ``gsgd_steps``. Resets the counters."""
+        steps, ``gsgd_clamped`` (R values clamped by ``r_min``), ``gsgd_sign_flips`` (R values <= 0
+        applied), ``gsgd_steps``. Resets the counters."""
         t = self._tele
         out = {"gsgd_steps": float(t["steps"])}
         if "mins" in t:
             a, b, c = t["mins"].tolist()
-            out.update(gsgd_min_abs_v=a, gsgd_min_R=b, gsgd_max_R=-c, gsgd_clamped=float(t["clamped"]))
+            clamped, flips = t["counts"].tolist()
+            out.update(gsgd_min_abs_v=a, gsgd_min_R=b, gsgd_max_R=-c, gsgd_clamped=clamped,
+                       gsgd_sign_flips=flips)
         self._reset_telemetry()
         return out
 
@@ -261,11 +266,13 @@ class GSGD(Optimizer):
                     f"GSGD block {name!r}: degenerate step (min |v_k| = {float(v.abs().min()):.3g}, "
                     f"R_k in [{float(R.min()):.3g}, {float(R.max()):.3g}]); no weight was changed. "
                     "Lower lr or set r_min")
-            if flip:
+            if flip and name not in self._warned:
+                self._warned.add(name)
                 k = int(torch.argmin(R))
                 warnings.warn(f"GSGD block {name!r}: path ratio R_k = {float(R[k]):.3g} <= 0 for skeleton "
                               f"path {k} (v_k changes sign; |v_k| = {float(v[k].abs()):.3g}); "
-                              "set r_min to clamp", RuntimeWarning, stacklevel=3)
+                              "set r_min to clamp (warned once per block; telemetry counts "
+                              "gsgd_sign_flips)", RuntimeWarning, stacklevel=3)
 
 
 def _builder(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
