@@ -221,11 +221,12 @@ def tar_bytes(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
     return buf.getvalue()
 
 
-def write_cifar_tarball(root: Path, name: str, files: dict[str, bytes]) -> Path:
+def write_cifar_tarball(root: Path, name: str, files: dict[str, bytes], prefix: str = "") -> Path:
+    """The official tarball layout ``<folder>/<file>`` (member names optionally prefixed, e.g. ``./``)."""
     spec = CIFAR_SPEC[name]
     path = root / spec["tarball"]
     root.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tar_bytes({f"{spec['folder']}/{f}": d for f, d in files.items()}))
+    path.write_bytes(tar_bytes({f"{prefix}{spec['folder']}/{f}": d for f, d in files.items()}))
     return path
 
 

@@ -212,7 +212,7 @@ def test_py2_pickle_matches_plain_pickle():
 @pytest.mark.parametrize("mode", ["fine", "coarse"])
 def test_cifar100_tarball(tmp_path, mode):
     arrays = fx.cifar_arrays("cifar100")
-    fx.write_cifar_tarball(tmp_path, "cifar100", fx.cifar_files("cifar100", arrays))
+    fx.write_cifar_tarball(tmp_path, "cifar100", fx.cifar_files("cifar100", arrays), prefix="./")
     ds = load("cifar100", root=tmp_path, verify=False, label_mode=mode)
     key = "y" if mode == "fine" else "c"
     np.testing.assert_array_equal(ds.y_train.numpy(), arrays[f"{key}_train"])

@@ -91,6 +91,13 @@ def _check_member(m: tarfile.TarInfo, archive: str) -> PurePosixPath:
     return p
 
 
+def _norm_name(name: str) -> str:
+    """Member name without leading ``./`` (re-packed archives often have it)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
 def _open_tar(path: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(path, mode="r:*")
@@ -101,20 +108,22 @@ def _open_tar(path: Path) -> tarfile.TarFile:
 def read_tar_members(
     path: str | os.PathLike, names: Iterable[str], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> dict[str, bytes]:
-    """Read the regular-file members whose path is in ``names`` (exact, posix form) into memory.
+    """Read the regular-file members whose path is in ``names`` (posix form; a leading ``./`` is
+    ignored on both sides) into memory; the result is keyed by the name without ``./``.
 
     Nothing is written to disk. Members that are links or special files are refused even if
     requested; the total size read is capped by ``max_bytes``. Missing names are simply absent from
     the result (the caller decides whether that is an error).
     """
     path = Path(path)
-    wanted = set(names)
+    wanted = {_norm_name(n) for n in names}
     out: dict[str, bytes] = {}
     total = 0
     with _open_tar(path) as tar:
         try:
             for m in tar:
-                if m.name not in wanted:
+                key = _norm_name(m.name)
+                if key not in wanted:
                     continue
                 _check_member(m, str(path))
                 if not m.isfile():
@@ -130,7 +139,7 @@ def read_tar_members(
                     raise ArchiveError(
                         f"{path}: member {m.name!r} is truncated ({len(data)} of {m.size} bytes)"
                     )
-                out[m.name] = data
+                out[key] = data
         except (tarfile.TarError, EOFError, zlib.error) as e:
             raise ArchiveError(
                 f"{path}: corrupt or truncated tar archive ({type(e).__name__}: {e})"
@@ -168,24 +177,29 @@ def safe_extract_tar(
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         written: list[Path] = []
-        for m, rel in zip(members, rels):
-            target = (root / Path(*rel.parts)).resolve() if rel.parts else root
-            if target != root and root not in target.parents:
-                raise ArchiveError(f"{path}: member {m.name!r} resolves outside {dest}")
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            if src is None:  # pragma: no cover
-                continue
-            with open(target, "wb") as f:
-                remaining = m.size
-                while remaining > 0:
-                    block = src.read(min(remaining, 1 << 20))
-                    if not block:
-                        raise ArchiveError(f"{path}: member {m.name!r} is truncated")
-                    f.write(block)
-                    remaining -= len(block)
-            written.append(target)
+        try:
+            for m, rel in zip(members, rels):
+                target = (root / Path(*rel.parts)).resolve() if rel.parts else root
+                if target != root and root not in target.parents:
+                    raise ArchiveError(f"{path}: member {m.name!r} resolves outside {dest}")
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(m)
+                if src is None:  # pragma: no cover
+                    continue
+                with open(target, "wb") as f:
+                    remaining = m.size
+                    while remaining > 0:
+                        block = src.read(min(remaining, 1 << 20))
+                        if not block:
+                            raise ArchiveError(f"{path}: member {m.name!r} is truncated")
+                        f.write(block)
+                        remaining -= len(block)
+                written.append(target)
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise ArchiveError(
+                f"{path}: corrupt or truncated tar archive ({type(e).__name__}: {e})"
+            ) from None
     return written
