@@ -1,0 +1,649 @@
+"""PSI-SGD / PSI-SGDM / PSI-GD: SGD on the positively-scale-invariant (PSI) manifold.
+
+Paper: Mingyang Yi, "Accelerating Training of Batch Normalization: A Manifold Perspective",
+UAI 2022, PMLR 180:1128-1137 (spec: ``/work/shared/methods/psi_manifold.md``; our notes:
+``docs/methods/psi_manifold.md``).
+
+Every PSI *unit* is one output neuron ``theta_j = (w_j, b_j)`` of a weight layer whose output is
+absorbed by a training-mode BN (rows of a Linear weight, output filters of a Conv weight, dim 1 of a
+ConvTranspose weight; the pre-BN bias appended when present). On the quotient by per-unit positive
+scaling the metric is ``<u, v> / ||theta||^2`` (Prop. 2, eq. 6), the Riemannian gradient is
+``||theta||^2 * grad`` (eq. 7) and the retraction is ``theta + xi`` (Prop. 3, eq. 8). The update
+(eqs. 10-12, Algorithm 1), per unit, in the paper form (``momentum_form="paper"``)::
+
+    U     <- rho * U - lr * ||theta||^2 * G            (U_0 = 0; lr inside the buffer)
+    theta <- theta + U                                 (rho = 0: theta - lr * ||theta||^2 * G)
+    if ||theta|| > renorm_threshold:                   (paper Sec. 6.2 overflow guard, 1e4)
+        c = renorm_target / ||theta||;  theta *= c;  U *= c;  running_mean *= c;  running_var *= c^2
+
+Parameter groups with ``"psi": False`` are updated by ``torch.optim.SGD``'s own functional kernel
+(:func:`torch.optim.sgd.sgd`), so they are bit-identical to ``torch.optim.SGD``.
+
+Extensions (not in the paper, all off by default): ``momentum_form="torch"``,
+``retraction="normalize"``, ``transport="project"``, ``project_grad``, ``psi_weight_decay``
+(coupled L2 through the PSI rule, spec Sec. 3.7).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _torch_sgd
+
+from . import register_optimizer
+
+__all__ = ["PSISGD", "psi_param_groups"]
+
+_MOMENTUM_FORMS = ("paper", "torch")
+_RETRACTIONS = ("additive", "normalize")
+_TRANSPORTS = ("none", "project")
+_CHECKS = ("raise", "warn", "off")
+# AdamP's orthogonality test (Heo et al. 2021, delta = 0.1): a unit is flagged when
+# |cos(theta_j, g_j)| > delta / sqrt(d_j).
+_GUARD_DELTA = 0.1
+
+
+def _other_dims(t: Tensor, out_dim: int) -> list[int]:
+    return [d for d in range(t.dim()) if d != out_dim]
+
+
+def _rowsum(t: Tensor, out_dim: int) -> Tensor:
+    """Sum of ``t`` over every dim except ``out_dim`` -> shape (O,). 1-D tensors are returned as is."""
+    if t.dim() == 1:
+        return t
+    return t.sum(dim=_other_dims(t, out_dim))
+
+
+def _bview(s: Tensor, like: Tensor, out_dim: int) -> Tensor:
+    """View the per-unit vector ``s`` (O,) so it broadcasts against ``like`` along ``out_dim``."""
+    shape = [1] * like.dim()
+    shape[out_dim if like.dim() > 1 else 0] = -1
+    return s.view(shape)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class PSISGD(Optimizer):
+    """PSI-GD / PSI-SGD / PSI-SGDM (Yi, UAI 2022, eqs. 9-12, Algorithm 1) with SGD groups.
+
+    Args:
+        params: parameter groups, normally from :func:`psi_param_groups`. A PSI group has
+            ``"psi": True`` and ``"psi_units"``: a list of ``(w_idx, b_idx, out_dim)`` (indices into
+            the group's ``params``; ``b_idx = -1`` for no bias; ``out_dim`` 0, or 1 for transposed
+            convs). Optional ``"psi_names"`` (weight names, for telemetry) and ``"psi_norms"`` (the
+            absorbing BN module name per unit, for :meth:`bind_bn_stats`). Groups without ``psi``
+            are Euclidean and follow ``torch.optim.SGD`` exactly.
+        lr, momentum: step size and momentum ``rho`` (paper: PSI-SGD 1.0/0; PSI-SGDM 0.1/0.9).
+        dampening, weight_decay, nesterov: ``torch.optim.SGD`` options of the Euclidean groups.
+        psi_weight_decay: coupled L2 on PSI units, passed through the PSI rule (default 0, paper).
+        momentum_form: ``"paper"`` (lr inside the buffer) or ``"torch"`` (``b <- rho b + s G``,
+            ``theta <- theta - lr b``); identical at constant lr.
+        retraction: ``"additive"`` (paper, with the guard) or ``"normalize"`` (keeps every
+            ``||theta_j||`` fixed, rescaling buffers and BN statistics; same quotient trajectory).
+        renorm_threshold, renorm_target: the paper's overflow guard (``None`` disables it).
+        transport: ``"none"`` (paper) or ``"project"`` (buffer projected onto the tangent space of
+            the new point after each step).
+        project_grad: remove the radial gradient component (caused by BN eps) before the step.
+        maximize: ascend instead of descend (both kinds of groups).
+        check_invariance: ``"raise"`` / ``"warn"`` / ``"off"``: on the first ``guard_steps`` steps,
+            test every PSI unit with AdamP's orthogonality test ``|cos(theta_j, g_j)| <
+            0.1/sqrt(d_j)`` and refuse (or warn about) parameters that are not scale-invariant.
+        check_finite: raise ``ValueError`` on non-finite gradients or zero-norm units in PSI groups
+            (one host sync per step).
+        bn_stats: a model (the BN modules named in ``psi_norms`` are looked up in it) or a mapping
+            ``{(group_index, w_idx): (running_mean, running_var)}``; rescaled with their unit.
+        track_angles: accumulate the angular step per layer for :meth:`telemetry`.
+        foreach: passed to ``torch.optim.sgd.sgd`` for the Euclidean groups.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        psi_weight_decay: float = 0.0,
+        momentum_form: str = "paper",
+        retraction: str = "additive",
+        renorm_threshold: float | None = 1e4,
+        renorm_target: float = 1.0,
+        transport: str = "none",
+        project_grad: bool = False,
+        maximize: bool = False,
+        check_invariance: str = "raise",
+        guard_steps: int = 3,
+        check_finite: bool = True,
+        bn_stats: nn.Module | Mapping[tuple[int, int], tuple[Tensor, Tensor]] | None = None,
+        track_angles: bool = True,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            psi_weight_decay=psi_weight_decay, momentum_form=momentum_form, retraction=retraction,
+            renorm_threshold=renorm_threshold, renorm_target=renorm_target, transport=transport,
+            project_grad=project_grad, maximize=maximize, foreach=foreach, psi=False,
+        )
+        if check_invariance not in _CHECKS:
+            raise ValueError(f"check_invariance must be one of {_CHECKS}, got {check_invariance!r}")
+        if isinstance(guard_steps, bool) or not isinstance(guard_steps, int) or guard_steps < 0:
+            raise ValueError(f"guard_steps must be an int >= 0, got {guard_steps!r}")
+        self.check_invariance = check_invariance
+        self.guard_steps = guard_steps
+        self.check_finite = bool(check_finite)
+        self.track_angles = bool(track_angles)
+        self._steps_done = 0
+        self._bn: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            self._validate_group(i, group)
+        if check_invariance == "off" and any(g["psi"] for g in self.param_groups):
+            warnings.warn("PSISGD: check_invariance='off': parameters in PSI groups are not checked for "
+                          "scale invariance; a non-invariant parameter gets a wrong (norm-scaled) update",
+                          stacklevel=2)
+        if bn_stats is not None:
+            self.bind_bn_stats(bn_stats)
+
+    # -- validation ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_number(gi: int, key: str, value: Any, low: float = 0.0, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low \
+                or not math.isfinite(value):
+            raise ValueError(f"param group {gi}: {key} must be a finite number >= {low}, got {value!r}")
+
+    def _validate_group(self, gi: int, group: dict[str, Any]) -> None:
+        for key in ("lr", "momentum", "dampening", "weight_decay", "psi_weight_decay"):
+            self._check_number(gi, key, group[key])
+        if not group["psi"]:
+            if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+                raise ValueError(f"param group {gi}: nesterov=True requires momentum > 0 and dampening=0, "
+                                 f"got momentum={group['momentum']!r}, dampening={group['dampening']!r}")
+            return
+        for key, choices in (("momentum_form", _MOMENTUM_FORMS), ("retraction", _RETRACTIONS),
+                             ("transport", _TRANSPORTS)):
+            if group[key] not in choices:
+                raise ValueError(f"param group {gi}: {key} must be one of {choices}, got {group[key]!r}")
+        if group["nesterov"] or group["dampening"] != 0:
+            raise ValueError(f"param group {gi} (PSI): nesterov/dampening are not part of PSI-SGDM "
+                             f"(Algorithm 1), got nesterov={group['nesterov']!r}, "
+                             f"dampening={group['dampening']!r}; set them on Euclidean groups only")
+        self._check_number(gi, "renorm_threshold", group["renorm_threshold"], 0.0, allow_none=True)
+        self._check_number(gi, "renorm_target", group["renorm_target"], 0.0)
+        if group["renorm_threshold"] is not None and not group["renorm_target"] > 0:
+            raise ValueError(f"param group {gi}: renorm_target must be > 0, got {group['renorm_target']!r}")
+        params = group["params"]
+        units = group.get("psi_units")
+        if not isinstance(units, (list, tuple)) or not units:
+            raise ValueError(f"param group {gi}: a PSI group needs 'psi_units', a non-empty list of "
+                             f"(w_idx, b_idx, out_dim), got {units!r}")
+        seen: set[int] = set()
+        for u in units:
+            if not (isinstance(u, (list, tuple)) and len(u) == 3 and all(isinstance(v, int) for v in u)):
+                raise ValueError(f"param group {gi}: psi unit must be (w_idx, b_idx, out_dim) ints, "
+                                 f"got {u!r}")
+            wi, bi, od = u
+            if not 0 <= wi < len(params) or wi in seen:
+                raise ValueError(f"param group {gi}: psi unit {u!r}: w_idx out of range or used twice "
+                                 f"({len(params)} params)")
+            w = params[wi]
+            if w.dim() < 1 or od not in (0, 1) or od >= max(w.dim(), 1) or (w.dim() == 1 and od != 0):
+                raise ValueError(f"param group {gi}: psi unit {u!r}: out_dim must be 0 or 1 and < weight "
+                                 f"rank, weight shape {list(w.shape)}")
+            seen.add(wi)
+            if bi != -1:
+                if not 0 <= bi < len(params) or bi in seen:
+                    raise ValueError(f"param group {gi}: psi unit {u!r}: b_idx out of range or used twice")
+                b = params[bi]
+                if b.dim() != 1 or b.numel() != w.shape[od]:
+                    raise ValueError(f"param group {gi}: psi unit {u!r}: bias shape {list(b.shape)} does not "
+                                     f"match {w.shape[od]} output units of weight {list(w.shape)}")
+                seen.add(bi)
+        if len(seen) != len(params):
+            missing = sorted(set(range(len(params))) - seen)
+            raise ValueError(f"param group {gi}: params {missing} of a PSI group belong to no psi unit; "
+                             f"put them in a Euclidean group")
+        names = group.get("psi_names")
+        if names is not None and len(names) != len(units):
+            raise ValueError(f"param group {gi}: psi_names has {len(names)} entries for {len(units)} units")
+        norms = group.get("psi_norms")
+        if norms is not None and len(norms) != len(units):
+            raise ValueError(f"param group {gi}: psi_norms has {len(norms)} entries for {len(units)} units")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_bn"):  # not during __init__ (validated there, in order)
+            self._validate_group(len(self.param_groups) - 1, self.param_groups[-1])
+
+    # -- BN statistics binding ----------------------------------------------------------------
+    def bind_bn_stats(self, source: nn.Module | Mapping[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
+        """Bind the BN running statistics rescaled with their unit (re-bind after loading a state).
+
+        ``source``: the model (BN modules named in each group's ``psi_norms``), or a mapping
+        ``{(group_index, w_idx): (running_mean, running_var)}`` of (O,) tensors.
+        """
+        bound: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
+        if isinstance(source, nn.Module):
+            for gi, group in enumerate(self.param_groups):
+                if not group["psi"] or not group.get("psi_norms"):
+                    continue
+                for (wi, _, _), name in zip(group["psi_units"], group["psi_norms"]):
+                    if name is None:
+                        continue
+                    try:
+                        m = source.get_submodule(name)
+                    except AttributeError as e:
+                        raise ValueError(f"bind_bn_stats: model has no module {name!r} (psi_norms of "
+                                         f"group {gi})") from e
+                    bound[(gi, wi)] = (getattr(m, "running_mean", None), getattr(m, "running_var", None))
+        elif isinstance(source, Mapping):
+            bound = {tuple(k): tuple(v) for k, v in source.items()}  # type: ignore[misc]
+        else:
+            raise TypeError(f"bn_stats must be an nn.Module or a mapping, got {type(source).__name__}")
+        for (gi, wi), (rm, rv) in bound.items():
+            if not (0 <= gi < len(self.param_groups) and self.param_groups[gi]["psi"]):
+                raise ValueError(f"bn_stats key {(gi, wi)!r}: group {gi} is not a PSI group")
+            unit = next((u for u in self.param_groups[gi]["psi_units"] if u[0] == wi), None)
+            if unit is None:
+                raise ValueError(f"bn_stats key {(gi, wi)!r}: no psi unit with w_idx {wi} in group {gi}")
+            n_out = self.param_groups[gi]["params"][wi].shape[unit[2]]
+            for t in (rm, rv):
+                if t is not None and t.shape != (n_out,):
+                    raise ValueError(f"bn_stats key {(gi, wi)!r}: running stat of shape {list(t.shape)}, "
+                                     f"expected ({n_out},)")
+        self._bn = bound
+
+    # -- the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimisation step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        guard = self.check_invariance != "off" and self._steps_done < self.guard_steps
+        for gi, group in enumerate(self.param_groups):
+            if group["psi"]:
+                self._psi_step(gi, group, guard)
+            else:
+                self._sgd_step(group)
+        self._steps_done += 1
+        return loss
+
+    def _sgd_step(self, group: dict[str, Any]) -> None:
+        """``torch.optim.SGD.step`` for one group, through torch's own functional kernel."""
+        params, grads, bufs = [], [], []
+        sparse = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            sparse = sparse or p.grad.is_sparse
+            if group["momentum"] != 0:
+                bufs.append(self.state[p].get("momentum_buffer"))
+        if not params:
+            return
+        _torch_sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                   lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                   maximize=group["maximize"], has_sparse_grad=sparse, foreach=group["foreach"])
+        if group["momentum"] != 0:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+    def _psi_step(self, gi: int, group: dict[str, Any], guard: bool) -> None:
+        """Algorithm 1 for every unit of the group; vectorised over units, foreach over tensors."""
+        params: list[Tensor] = group["params"]
+        lr, rho = group["lr"], group["momentum"]
+        # flat lists over the tensors of the group (weights and biases); each tensor knows its unit slot
+        units = [tuple(u) for u in group["psi_units"] if params[u[0]].grad is not None]
+        if not units:
+            return
+        ts: list[Tensor] = []
+        gs: list[Tensor] = []
+        dims: list[int] = []
+        owner: list[int] = []  # index into units
+        for k, (wi, bi, od) in enumerate(units):
+            for idx in (wi, bi):
+                if idx == -1:
+                    continue
+                p = params[idx]
+                g = p.grad
+                if g is None:
+                    g = torch.zeros_like(p)  # a bias without grad (unused): zero, the unit still moves
+                if g.is_sparse:
+                    raise ValueError(f"param group {gi}: PSISGD does not support sparse gradients "
+                                     f"(param {idx} of the group, shape {list(p.shape)})")
+                ts.append(p)
+                gs.append(g)
+                dims.append(od if idx == wi else 0)
+                owner.append(k)
+        if group["maximize"]:
+            gs = torch._foreach_neg(gs)
+        # per-unit squared norms s_j = ||w_j||^2 + b_j^2, in fp32 or better
+        sq = [_rowsum(t.to(_acc_dtype(t)).square(), d) for t, d in zip(ts, dims)]
+        s = self._unit_sum(sq, owner, len(units))
+        svec = [s[k] for k in owner]
+        if self.check_finite:
+            self._check_finite(gi, group, units, ts, gs, s)
+        lam = group["psi_weight_decay"]
+        if lam != 0:
+            gs = torch._foreach_add(gs, ts, alpha=lam)  # coupled L2 (spec Sec. 3.7)
+        if guard or group["project_grad"]:
+            dot = self._unit_sum([_rowsum((t * g).to(_acc_dtype(t)), d) for t, g, d in zip(ts, gs, dims)],
+                                 owner, len(units))
+            if guard:
+                self._guard(gi, group, units, ts, gs, dims, owner, s, dot)
+            if group["project_grad"]:
+                coef = [(dot[k] / s[k]) for k in owner]
+                gs = torch._foreach_sub(gs, [t * _bview(c.to(t.dtype), t, d) for t, c, d in
+                                             zip(ts, coef, dims)])
+        scale = [_bview(v.to(t.dtype), t, d) for v, t, d in zip(svec, ts, dims)]
+        rgrad = torch._foreach_mul(gs, scale)  # Riemannian gradient ||theta||^2 G (eq. 7)
+        if rho != 0:
+            bufs = []
+            for t in ts:
+                st = self.state[t]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                bufs.append(st["momentum_buffer"])
+            torch._foreach_mul_(bufs, rho)
+            if group["momentum_form"] == "paper":
+                torch._foreach_add_(bufs, rgrad, alpha=-lr)  # U <- rho U - lr s G   (eq. 11)
+                delta = bufs
+            else:
+                torch._foreach_add_(bufs, rgrad)  # b <- rho b + s G
+                delta = torch._foreach_mul(bufs, -lr)
+        else:
+            bufs = []
+            delta = torch._foreach_mul(rgrad, -lr)
+        if self.track_angles:
+            self._accumulate_angles(group, units, ts, delta, dims, owner, s)
+        torch._foreach_add_(ts, delta)  # retraction R_theta(xi) = theta + xi (Prop. 3)
+        # rescaling: the normalised retraction, or the paper's overflow guard
+        c = self._rescale_factors(group, ts, dims, owner, len(units), s)
+        if c is not None:
+            cv = [c[k] for k in owner]
+            cb = [_bview(v.to(t.dtype), t, d) for v, t, d in zip(cv, ts, dims)]
+            torch._foreach_mul_(ts, cb)
+            if bufs:
+                torch._foreach_mul_(bufs, cb)
+            for k, (wi, _, _) in enumerate(units):
+                st = self.state[params[wi]]
+                fired = (c[k] != 1).sum()
+                st["renorm_count"] = st["renorm_count"] + fired if "renorm_count" in st else fired
+                rm, rv = self._bn.get((gi, wi), (None, None))
+                if rm is not None:
+                    rm.mul_(c[k].to(rm.dtype))
+                if rv is not None:
+                    rv.mul_(c[k].to(rv.dtype).square())
+        if bufs and group["transport"] == "project":
+            s_new = self._unit_sum([_rowsum(t.to(_acc_dtype(t)).square(), d) for t, d in zip(ts, dims)],
+                                   owner, len(units))
+            dot = self._unit_sum([_rowsum((t * b).to(_acc_dtype(t)), d) for t, b, d in zip(ts, bufs, dims)],
+                                 owner, len(units))
+            coef = [_bview((dot[k] / s_new[k]).to(t.dtype), t, d) for k, t, d in zip(owner, ts, dims)]
+            torch._foreach_sub_(bufs, torch._foreach_mul(ts, coef))
+
+    @staticmethod
+    def _unit_sum(parts: list[Tensor], owner: list[int], n: int) -> list[Tensor]:
+        out: list[Tensor | None] = [None] * n
+        for k, v in zip(owner, parts):
+            out[k] = v if out[k] is None else out[k] + v
+        return out  # type: ignore[return-value]
+
+    def _rescale_factors(self, group: dict[str, Any], ts: list[Tensor], dims: list[int], owner: list[int],
+                         n: int, s: list[Tensor]) -> list[Tensor] | None:
+        """Per-unit factors c (O,): ``||theta_old||/||theta_new||`` for the normalised retraction,
+        ``where(||theta|| > threshold, target/||theta||, 1)`` for the guard; None when neither."""
+        normalize = group["retraction"] == "normalize"
+        thr = group["renorm_threshold"]
+        if not normalize and thr is None:
+            return None
+        n2 = self._unit_sum([_rowsum(t.to(_acc_dtype(t)).square(), d) for t, d in zip(ts, dims)], owner, n)
+        if normalize:
+            return [torch.sqrt(a / b) for a, b in zip(s, n2)]
+        tgt = float(group["renorm_target"])
+        out = []
+        for v in n2:
+            nrm = v.sqrt()
+            out.append(torch.where(nrm > thr, tgt / nrm, torch.ones_like(nrm)))
+        return out
+
+    def _accumulate_angles(self, group: dict[str, Any], units: list[tuple[int, int, int]], ts: list[Tensor],
+                           delta: list[Tensor], dims: list[int], owner: list[int], s: list[Tensor]) -> None:
+        """Angle between theta_t and theta_t + delta per unit: atan2(||delta_perp||, ||theta|| +
+        <theta, delta>/||theta||); summed / maxed per layer in the weight's state."""
+        n = len(units)
+        dot = self._unit_sum([_rowsum((t * d_).to(_acc_dtype(t)), d) for t, d_, d in zip(ts, delta, dims)],
+                             owner, n)
+        dd = self._unit_sum([_rowsum(d_.to(_acc_dtype(d_)).square(), d) for d_, d in zip(delta, dims)],
+                            owner, n)
+        params = group["params"]
+        for k, (wi, _, _) in enumerate(units):
+            r = s[k].sqrt()
+            perp = (dd[k] - dot[k].square() / s[k]).clamp_min(0).sqrt()
+            ang = torch.atan2(perp, r + dot[k] / r)
+            st = self.state[params[wi]]
+            if "angle_sum" not in st:
+                st["angle_sum"] = torch.zeros((), dtype=ang.dtype, device=ang.device)
+                st["angle_max"] = torch.zeros((), dtype=ang.dtype, device=ang.device)
+                st["angle_count"] = torch.zeros((), dtype=ang.dtype, device=ang.device)
+            st["angle_sum"] += ang.sum()
+            st["angle_max"] = torch.maximum(st["angle_max"], ang.max())
+            st["angle_count"] += ang.numel()
+
+    @staticmethod
+    def _unit_label(group: dict[str, Any], k: int, unit: tuple[int, int, int]) -> str:
+        names = group.get("psi_names")
+        if names:
+            pos = [tuple(u) for u in group["psi_units"]].index(tuple(unit))
+            return repr(names[pos])
+        return f"param {unit[0]}"
+
+    def _check_finite(self, gi: int, group: dict[str, Any], units: list[tuple[int, int, int]],
+                      ts: list[Tensor], gs: list[Tensor], s: list[Tensor]) -> None:
+        gn = torch._foreach_norm(gs)
+        flags = torch.stack([~torch.isfinite(v) for v in gn] + [(v == 0).any() | ~torch.isfinite(v).all()
+                                                                 for v in s])
+        if not bool(flags.any()):
+            return
+        for k, unit in enumerate(units):
+            label = self._unit_label(group, k, unit)
+            if not bool(torch.isfinite(s[k]).all()):
+                raise ValueError(f"PSISGD: param group {gi}, {label}: non-finite weights")
+            zero = (s[k] == 0).nonzero().flatten().tolist()
+            if zero:
+                raise ValueError(f"PSISGD: param group {gi}, {label}: unit(s) {zero[:8]} have zero norm; "
+                                 f"a PSI unit must be non-zero (the quotient excludes 0); re-initialise them")
+        bad = [i for i, v in enumerate(gn) if not bool(torch.isfinite(v))]
+        raise ValueError(f"PSISGD: param group {gi}: non-finite gradient in {len(bad)} PSI tensor(s) "
+                         f"(shapes {[list(ts[i].shape) for i in bad][:4]}); skip the step (e.g. GradScaler) "
+                         f"or lower the learning rate")
+
+    def _guard(self, gi: int, group: dict[str, Any], units: list[tuple[int, int, int]], ts: list[Tensor],
+               gs: list[Tensor], dims: list[int], owner: list[int], s: list[Tensor],
+               dot: list[Tensor]) -> None:
+        """AdamP's orthogonality test per unit: flag ``|cos(theta_j, g_j)| > 0.1/sqrt(d_j)``."""
+        g2 = self._unit_sum([_rowsum(g.to(_acc_dtype(g)).square(), d) for g, d in zip(gs, dims)], owner,
+                            len(units))
+        length = [0] * len(units)
+        for k, t, d in zip(owner, ts, dims):
+            length[k] += t.numel() // t.shape[d]
+        viol = []
+        for k in range(len(units)):
+            cos = dot[k].abs() / (s[k].sqrt() * g2[k].sqrt()).clamp_min(torch.finfo(s[k].dtype).tiny)
+            viol.append((cos * math.sqrt(length[k])).max())
+        worst = torch.stack(viol)
+        bad = (worst > _GUARD_DELTA).nonzero().flatten().tolist()
+        if not bad:
+            return
+        labels = [self._unit_label(group, k, units[k]) for k in bad]
+        msg = (f"PSISGD: param group {gi}: {', '.join(labels[:6])} not scale-invariant: "
+               f"|cos(theta_j, grad_j)| * sqrt(d_j) = {[round(float(worst[k]), 3) for k in bad[:6]]} > "
+               f"{_GUARD_DELTA} (AdamP test); expected weights whose outputs reach a training-mode BN. "
+               f"Build the groups with psi_param_groups(model) or put these parameters in a Euclidean group")
+        if self.check_invariance == "raise":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    # -- telemetry ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def telemetry(self, reset: bool = True) -> dict[str, float]:
+        """Floats for the trainer's per-epoch log: mean/max angular step (rad) since the last call,
+        representative-norm summary and guard firings, overall and per PSI layer."""
+        out: dict[str, float] = {}
+        all_norms: list[Tensor] = []
+        a_sum = a_cnt = 0.0
+        a_max = 0.0
+        renorms = 0.0
+        for gi, group in enumerate(self.param_groups):
+            if not group["psi"]:
+                continue
+            params = group["params"]
+            names = group.get("psi_names") or [f"g{gi}.p{u[0]}" for u in group["psi_units"]]
+            for (wi, bi, od), name in zip(group["psi_units"], names):
+                w = params[wi]
+                s = _rowsum(w.to(_acc_dtype(w)).square(), od)
+                if bi != -1:
+                    s = s + params[bi].to(s.dtype).square()
+                nrm = s.sqrt()
+                all_norms.append(nrm.flatten())
+                out[f"psi_norm_mean/{name}"] = float(nrm.mean())
+                st = self.state.get(w, {})
+                if "angle_count" in st and float(st["angle_count"]) > 0:
+                    cnt = float(st["angle_count"])
+                    out[f"psi_angle_mean/{name}"] = float(st["angle_sum"]) / cnt
+                    a_sum += float(st["angle_sum"])
+                    a_cnt += cnt
+                    a_max = max(a_max, float(st["angle_max"]))
+                    if reset:
+                        st["angle_sum"].zero_()
+                        st["angle_max"].zero_()
+                        st["angle_count"].zero_()
+                if "renorm_count" in st:
+                    renorms += float(st["renorm_count"])
+        if not all_norms:
+            return out
+        norms = torch.cat(all_norms)
+        out.update({"psi_norm_min": float(norms.min()), "psi_norm_median": float(norms.median()),
+                    "psi_norm_max": float(norms.max()), "psi_renorms": renorms})
+        if a_cnt > 0:
+            out["psi_angle_mean"] = a_sum / a_cnt
+            out["psi_angle_max"] = a_max
+        return out
+
+
+# -- parameter groups --------------------------------------------------------------------------
+def psi_param_groups(
+    model: nn.Module,
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = 0.0,
+    nesterov: bool | None = None,
+    *,
+    psi_lr: float | None = None,
+    psi_momentum: float | None = None,
+    psi_weight_decay: float = 0.0,
+    example_input: Any = None,
+    mode: str = "auto",
+    verify: bool = False,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into a PSI group and a Euclidean group.
+
+    The PSI group holds every scale-invariant weight found by
+    :func:`bnlab.optim.invariance.find_scale_invariant` (with its bias), as
+    ``{"params", "psi": True, "psi_units": [(w_idx, b_idx, out_dim)], "psi_names", "psi_norms"}``;
+    ``psi_weight_decay`` is 0 unless asked. The Euclidean group holds the rest (BN gamma/beta,
+    classifier, weights not followed by a training-mode BN). ``lr``, ``momentum``, ``weight_decay``,
+    ``nesterov`` set the Euclidean group, ``psi_lr``/``psi_momentum`` the PSI group (``None``: use
+    the optimiser's defaults). Empty groups are omitted.
+    """
+    from .invariance import find_scale_invariant
+
+    units = find_scale_invariant(model, example_input, mode=mode, verify=verify)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    psi_params: list[Tensor] = []
+    psi_units: list[tuple[int, int, int]] = []
+    names: list[str] = []
+    norms: list[str | None] = []
+    used: set[str] = set()
+    for u in units:
+        if u.weight not in named or (u.bias is not None and u.bias not in named):
+            continue  # frozen weight (or bias): leave it to the Euclidean group / untouched
+        wi = len(psi_params)
+        psi_params.append(named[u.weight])
+        bi = -1
+        if u.bias is not None:
+            bi = len(psi_params)
+            psi_params.append(named[u.bias])
+            used.add(u.bias)
+        used.add(u.weight)
+        psi_units.append((wi, bi, u.out_dim))
+        names.append(u.weight)
+        norms.append(u.norm)
+    groups: list[dict[str, Any]] = []
+    if psi_params:
+        g: dict[str, Any] = {"params": psi_params, "psi": True, "psi_units": psi_units, "psi_names": names,
+                             "psi_norms": norms, "psi_weight_decay": psi_weight_decay}
+        if psi_lr is not None:
+            g["lr"] = psi_lr
+        if psi_momentum is not None:
+            g["momentum"] = psi_momentum
+        groups.append(g)
+    rest = [p for n, p in named.items() if n not in used]
+    if rest:
+        e: dict[str, Any] = {"params": rest, "psi": False}
+        for key, val in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                         ("nesterov", nesterov)):
+            if val is not None:
+                e[key] = val
+        groups.append(e)
+    if not groups:
+        raise ValueError("psi_param_groups: model has no trainable parameters")
+    return groups
+
+
+# -- trainer registry ---------------------------------------------------------------------------
+_PSI_KEYS = ("momentum_form", "retraction", "renorm_threshold", "renorm_target", "transport", "project_grad",
+             "check_invariance", "guard_steps", "check_finite", "track_angles")
+
+
+def _builder(kind: str) -> Callable[..., PSISGD]:
+    def build(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+              nesterov: bool = False, **options: Any) -> PSISGD:
+        opts = dict(options)
+        psi_lr = float(opts.pop("psi_lr", lr))
+        psi_wd = float(opts.pop("psi_weight_decay", 0.0))
+        mode = opts.pop("mode", "auto")
+        kwargs = {k: opts.pop(k) for k in _PSI_KEYS if k in opts}
+        if opts:
+            raise ValueError(f"optimizer {kind!r}: unknown option(s) {sorted(opts)}; expected psi_lr, "
+                             f"psi_weight_decay, mode, {', '.join(_PSI_KEYS)}")
+        if kind == "psi-gd":
+            e_mom, p_mom, nest = 0.0, 0.0, False
+        elif kind == "psi-sgd":
+            e_mom, p_mom, nest = momentum, 0.0, nesterov
+        else:
+            e_mom, p_mom, nest = momentum, momentum, nesterov
+        groups = psi_param_groups(model, lr=lr, momentum=e_mom, weight_decay=weight_decay,
+                                  nesterov=nest and e_mom > 0, psi_lr=psi_lr, psi_momentum=p_mom,
+                                  psi_weight_decay=psi_wd, mode=mode)
+        return PSISGD(groups, lr=lr, bn_stats=model, **kwargs)
+
+    return build
+
+
+for _name in ("psi-sgd", "psi-sgdm", "psi-gd"):
+    register_optimizer(_name, _builder(_name))
