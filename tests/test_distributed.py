@@ -163,6 +163,8 @@ def test_replace_norms_errors():
         replace_norms(model, "xbn")
     with pytest.raises(TypeError, match="family_or_name must be a norm name or a NormFamily, got int"):
         replace_norms(model, 3)
+    with pytest.raises(ValueError, match="path space"):
+        replace_norms(build("mlp", norm="pbn", hidden=[4, 4], input_size=4), "cbn")
     with pytest.raises(ValueError, match="no ConvUnit"):
         replace_norms(nn.Sequential(nn.Linear(2, 2)), "bn")
 
@@ -200,3 +202,6 @@ def test_fold_bn_sequential_and_unfoldable_layers():
     cbn = _trained_stats(build("resnet20", norm="cbn", width=0.25).double(), (4, 3, 8, 8))
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(fold_bn(cbn)(x), cbn(x), rtol=0, atol=0)  # nothing to fold: unchanged
+    pbn = _trained_stats(build("mlp", norm="pbn", hidden=[4, 4], input_size=4).double(), (4, 3, 4, 4))
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(fold_bn(pbn)(x), pbn(x), rtol=0, atol=0)  # path-space units untouched

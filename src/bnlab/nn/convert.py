@@ -147,6 +147,12 @@ def _is_unit(m: nn.Module) -> bool:
     return isinstance(getattr(m, "conv", None), _WEIGHT_LAYERS) and hasattr(m, "norm")
 
 
+def _in_path_space(model: nn.Module) -> bool:
+    from .path_bn import PathBatchNorm, PathLayerMixin
+
+    return any(isinstance(m, (PathBatchNorm, PathLayerMixin)) for m in model.modules())
+
+
 def _out_features(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
@@ -195,6 +201,9 @@ def replace_norms(model: nn.Module, family_or_name: str | NormFamily, act: str |
     if not isinstance(family_or_name, (str, NormFamily)):
         raise TypeError(f"replace_norms: family_or_name must be a norm name or a NormFamily, "
                         f"got {type(family_or_name).__name__}")
+    if _in_path_space(model):
+        raise ValueError("replace_norms: model is in path space (Path-BN); swap norms on the 'bn' model "
+                         "before bnlab.path.to_path_space")
     family = get_norm(family_or_name, act if act is not None else _infer_act(model), **options)
     if not inplace:
         model = copy.deepcopy(model)
@@ -252,7 +261,8 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     ``act(conv'(x))`` with ``conv'`` as in the module docstring (computed in float64, stored in the
     weight's dtype); consecutive ``(conv, BatchNormAct)`` pairs inside ``nn.Sequential`` are folded
     the same way. Other norms (CBN, Path-BN, ``center_only`` or ``track_running_stats=False``
-    layers) are left as they are, so the result always computes ``model.eval()``'s function.
+    layers, BN after a path-space weight layer) are left as they are, so the result always
+    computes ``model.eval()``'s function.
     Returns the folded model in eval mode (a deep copy unless ``inplace``).
     """
     _check_module(model, "fold_bn")
@@ -260,7 +270,7 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     model.eval()
     for unit in [m for m in model.modules() if _is_unit(m)]:
-        if _foldable(unit.norm):
+        if type(unit.conv) in _WEIGHT_LAYERS and _foldable(unit.norm):
             act = unit.norm.act
             unit.conv = _folded(unit.conv, unit.norm)
             unit.norm = act
