@@ -1,0 +1,89 @@
+"""Optimiser step against ``torch.optim.SGD(foreach=True)`` on the same parameters.
+
+* PSISGD (``make_optimizer("psi-sgdm", resnet56)``) vs SGD(momentum, foreach) on ResNet-56 (BN).
+* GSGD (``make_optimizer("gsgd", resnet18 pbn)``) vs SGD(momentum, foreach) on the same model.
+
+Gradients come from one real forward/backward (so PSISGD's scale-invariance guard, active on its
+first steps, sees genuine gradients); the first steps run during warm-up, then only ``step()`` is
+timed with the gradients held fixed. Copies of the model are used so the two optimisers never
+touch the same tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .timing import Result, Settings, Skip, compare
+
+__all__ = ["run"]
+
+TARGET = 1.5
+
+
+def _with_grads(model: nn.Module, device: torch.device, input_size: int, batch: int = 4) -> nn.Module:
+    """``model`` on ``device`` in training mode with ``.grad`` from one forward/backward."""
+    model = model.to(device).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, input_size, input_size, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return model
+
+
+def _pair(model: nn.Module, name: str, lr: float, momentum: float, input_size: int,
+          **options) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Step functions of optimiser ``name`` on ``model`` and of SGD(foreach) on a deep copy.
+
+    PSISGD's invariance guard runs on its first ``guard_steps`` steps; those steps are taken here
+    with fresh gradients, so the timed steps are the steady-state ones."""
+    from ..optim import make_optimizer
+
+    ours = make_optimizer(name, model, lr=lr, momentum=momentum, **options)
+    for _ in range(getattr(ours, "guard_steps", 0)):
+        _with_grads(model, next(model.parameters()).device, input_size)
+        ours.step()
+    _with_grads(model, next(model.parameters()).device, input_size)
+    base_model = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), base_model.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    base = torch.optim.SGD(base_model.parameters(), lr=lr, momentum=momentum, foreach=True)
+    return ours.step, base.step
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Result]:
+    from ..models import build
+
+    # PSISGD on ResNet-56 (BN); quick: resnet20 at quarter width.
+    name, width = ("resnet20", 0.25) if quick else ("resnet56", 1.0)
+    torch.manual_seed(0)
+    size = 16 if quick else 32
+    model = _with_grads(build(name, norm="bn", width=width), device, size)
+    try:
+        ours, base = _pair(model, "psi-sgdm", lr=0.01, momentum=0.9, input_size=size)
+    except (ImportError, ValueError) as e:
+        print(f"  skip optim/psi-sgdm: {type(e).__name__}: {e}")
+    else:
+        o, b = compare(ours, base, settings, device)
+        yield Result("optim/psi-sgdm step", o, b, f"{name} w{width} ({_count(model)} params)", "float32",
+                     device.type, baseline="SGD(momentum, foreach)", target=TARGET)
+    # GSGD on ResNet-18 in path space; quick: tiny width.
+    width = 0.125 if quick else 0.5
+    try:
+        torch.manual_seed(0)
+        size = 16 if quick else 32
+        pmodel = _with_grads(build("resnet18", norm="pbn", width=width), device, size)
+        ours, base = _pair(pmodel, "gsgd", lr=0.01, momentum=0.9, input_size=size)
+    except (ImportError, ValueError) as e:
+        raise Skip(f"gsgd / pbn model not available ({type(e).__name__}: {e})") from e
+    o, b = compare(ours, base, settings, device)
+    yield Result("optim/gsgd step", o, b, f"resnet18-pbn w{width} ({_count(pmodel)} params)", "float32",
+                 device.type, baseline="SGD(momentum, foreach)", target=TARGET)

@@ -1,0 +1,126 @@
+"""Smoke tests of ``bnlab bench`` (never assert a timing) and unit tests of the timing helper."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bnlab.benchmarks import FAMILIES, run_benchmarks
+from bnlab.benchmarks.data import naive_batches
+from bnlab.benchmarks.timing import Result, Settings, compare, format_row, machine_info
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    rc = run_benchmarks(quick=True, device="cpu", json_out=str(out), only=None, threads=1)
+    return rc, json.loads(out.read_text())
+
+
+def test_quick_run_every_benchmark_finite(quick_run):
+    rc, doc = quick_run
+    assert rc == 0
+    rows = doc["results"]
+    names = {r["name"] for r in rows}
+    # every family produced rows, or was skipped with a reason
+    for prefix in ("norm/", "optim/", "train/", "data/"):
+        assert any(n.startswith(prefix) for n in names), (prefix, sorted(names))
+    assert any(n.startswith("convex/") for n in names) or doc["skipped"].get("convex")
+    expected = {"norm/BatchNormAct", "train/bn+sgd", "train/e2e bnlab train", "data/DeviceLoader augment"}
+    assert expected <= names
+    for r in rows:
+        for key in ("ours_ms", "baseline_ms", "ratio"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, r
+        assert r["device"] == "cpu" and r["shape"] and r["dtype"]
+        assert r["ratio"] == pytest.approx(r["ours_ms"] / r["baseline_ms"])
+
+
+def test_json_machine_info(quick_run):
+    _, doc = quick_run
+    for key in ("cpu", "cores", "torch", "date", "torch_threads"):
+        assert key in doc["machine"], key
+    assert doc["machine"]["torch"] == torch.__version__
+    assert doc["quick"] is True
+
+
+def test_threads_restored():
+    before = torch.get_num_threads()
+    run_benchmarks(quick=True, device="cpu", json_out=None, only=["data"], threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_compare_interleaves_and_warms_up():
+    calls: list[str] = []
+    ours_ms, base_ms = compare(lambda: calls.append("o"), lambda: calls.append("b"),
+                               Settings(warmup=2, reps=4, min_sample_s=0.0))
+    assert calls[:4] == ["o", "b", "o", "b"]  # warm-up
+    assert calls[4:] == ["o", "b", "b", "o", "o", "b", "b", "o"]  # order flips every round
+    assert math.isfinite(ours_ms) and math.isfinite(base_ms)
+
+
+def test_compare_inner_calibration_counts_calls():
+    n = {"o": 0, "b": 0}
+
+    def ours():
+        n["o"] += 1
+
+    def base():
+        n["b"] += 1
+        sum(range(2000))
+
+    compare(ours, base, Settings(warmup=1, reps=3, min_sample_s=1e-3))
+    assert n["o"] == n["b"] > 4  # same number of calls on both sides, several per sample
+
+
+def test_result_ratio_and_target():
+    r = Result("x", 3.0, 2.0, "4x4", "float32", "cpu", target=1.3)
+    assert r.ratio == 1.5 and r.met is False
+    assert Result("y", 1.0, 2.0, "s", "float32", "cpu", target=1.3).met is True
+    assert Result("z", 1.0, 2.0, "s", "float32", "cpu").met is None
+    assert "MISS" in format_row(r) and r.to_dict()["ratio"] == 1.5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(only=["bogus"]), "bogus"),
+    (dict(device="tpu"), "tpu"),
+    (dict(threads=0), "threads"),
+])
+def test_errors_name_the_value(kwargs, match):
+    args = dict(quick=True, device="cpu", json_out=None, only=["data"])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        run_benchmarks(**args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_unavailable_error():
+    with pytest.raises(ValueError, match="cuda"):
+        run_benchmarks(quick=True, device="cuda", json_out=None, only=["data"])
+
+
+def test_naive_baseline_is_a_crop_flip_of_the_source():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+    mean, std = torch.zeros(3), torch.ones(3)
+    (batch,) = list(naive_batches(x, mean, std, 6, 0, torch.Generator().manual_seed(1)))
+    assert batch.shape == (6, 3, 8, 8) and batch.dtype == torch.float32
+    src = x.float() / 255
+    # with padding 0 each output is a source image, possibly flipped; together a permutation
+    matched = []
+    for img in batch:
+        hits = [i for i in range(6) if torch.equal(img, src[i]) or torch.equal(img, src[i].flip(2))]
+        assert len(hits) >= 1
+        matched.append(hits[0])
+    assert sorted(matched) == list(range(6))
+
+
+def test_machine_info_cpu():
+    info = machine_info("cpu")
+    assert info["cores"] >= 1 and "gpu" not in info
+
+
+def test_families_listed():
+    assert set(FAMILIES) == {"norms", "optim", "train", "convex", "data"}
