@@ -244,3 +244,18 @@ def test_bad_group_roles_are_reported():
     w = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(2, 5))]
     with pytest.raises(ValueError, match="design rule"):
         GSGD([{"params": w, "roles": ["first", "mid", "last"], "block": "x"}], lr=0.1)
+
+
+def test_trainer_run_logs_telemetry(tmp_path):
+    import json
+
+    from bnlab.train import train
+    from bnlab.train.config import RunConfig
+
+    cfg = RunConfig(model="mlp", norm="pbn", optim="gsgd", data="digits", epochs=2, batch_size=64, lr=0.2,
+                    momentum=0.0, weight_decay=1e-4, schedule="multistep", augment=False, device="cpu",
+                    model_options={"hidden": [32, 32]}, max_steps_per_epoch=5, out_dir=str(tmp_path / "r"))
+    summary = train(cfg, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["opt/gsgd_steps"] == 5.0 and rows[-1]["opt/gsgd_sign_flips"] == 0.0
+    assert summary["test_acc"] > 0.3                                   # digits: chance is 0.1
