@@ -45,6 +45,9 @@ class RunConfig:
     train_subset: int | None = None   # first-n stratified subset of the training split
     test_subset: int | None = None
     augment: bool = True
+    download: bool = False            # fetch the official archive into data_dir if missing
+    data_options: dict[str, Any] = field(default_factory=dict)  # passed to bnlab.data.load
+    num_workers: int = 4              # decoding workers (imagefolder only)
     # optimisation
     epochs: int = 10
     batch_size: int = 128

@@ -10,6 +10,7 @@ of (seed, epoch, batch); the LR schedule is a pure function of the step).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from .config import RunConfig
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
 from .schedule import lr_factor
 
-__all__ = ["train", "TrainingError", "NonFiniteLossError", "prepare_data", "build_model"]
+__all__ = ["train", "TrainingError", "NonFiniteLossError", "prepare_data", "build_model", "make_loaders"]
 
 
 class TrainingError(RuntimeError):
@@ -87,8 +88,44 @@ class _StopFlag:
 def prepare_data(cfg: RunConfig) -> ImageDataset:
     """Load ``cfg.data`` with the configured subsets (subset choice seeded by 0, the same for all
     seeds, so seeds differ only in initialisation and batch order)."""
-    return load(cfg.data, root=cfg.data_dir, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                seed=0)
+    if cfg.data == "imagefolder" and (cfg.train_subset or cfg.test_subset):
+        raise TrainingError("train_subset/test_subset are not supported for imagefolder data")
+    return load(cfg.data, root=cfg.data_dir, download=cfg.download, train_subset=cfg.train_subset,
+                test_subset=cfg.test_subset, seed=0, **dict(cfg.data_options))
+
+
+def make_loaders(cfg: RunConfig, ds, info: DistInfo):
+    """(train, test) batch iterators: device-resident for in-memory datasets, Pillow-decoding
+    workers for ``imagefolder``. Both shard by rank and are deterministic per (seed, epoch)."""
+    common = dict(device=info.device, rank=info.rank, world_size=info.world_size,
+                  channels_last=cfg.channels_last)
+    drop_last = _train_size(ds) // info.world_size >= cfg.batch_size
+    if not isinstance(ds, ImageDataset):  # imagefolder
+        train_ld = ds.train_loader(cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                                   drop_last=drop_last, max_batches=cfg.max_steps_per_epoch, **common)
+        test_ld = ds.test_loader(cfg.batch_size, num_workers=cfg.num_workers, **common)
+        return train_ld, test_ld
+    common.update(mean=ds.mean, std=ds.std, seed=cfg.seed)
+    train_ld = DeviceLoader(ds.x_train, ds.y_train, batch_size=cfg.batch_size, shuffle=True,
+                            augment=cfg.augment, crop_padding=ds.crop_padding, flip=ds.flip,
+                            drop_last=drop_last, max_batches=cfg.max_steps_per_epoch, **common)
+    test_ld = DeviceLoader(ds.x_test, ds.y_test, batch_size=max(cfg.batch_size, 256), shuffle=False, **common)
+    return train_ld, test_ld
+
+
+def _train_size(ds) -> int:
+    return len(ds.x_train) if isinstance(ds, ImageDataset) else len(ds.train_samples)
+
+
+def _test_size(ds) -> int:
+    return len(ds.x_test) if isinstance(ds, ImageDataset) else len(ds.test_samples)
+
+
+def _batches_from(loader, start: int):
+    """Batches ``start..`` of the current epoch (exact: batches are pure functions of the index)."""
+    if hasattr(loader, "iter_from"):
+        return loader.iter_from(start)
+    return itertools.islice(iter(loader), start, None)
 
 
 def build_model(cfg: RunConfig, ds: ImageDataset) -> nn.Module:
@@ -262,14 +299,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    common = dict(mean=ds.mean, std=ds.std, seed=cfg.seed, device=device, rank=info.rank,
-                  world_size=info.world_size, channels_last=cfg.channels_last)
-    train_loader = DeviceLoader(ds.x_train, ds.y_train, batch_size=cfg.batch_size, shuffle=True,
-                                augment=cfg.augment, crop_padding=ds.crop_padding, flip=ds.flip,
-                                drop_last=len(ds.x_train) // info.world_size >= cfg.batch_size,
-                                max_batches=cfg.max_steps_per_epoch, **common)
-    test_loader = DeviceLoader(ds.x_test, ds.y_test, batch_size=max(cfg.batch_size, 256), shuffle=False,
-                               **common)
+    train_loader, test_loader = make_loaders(cfg, ds, info)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -291,7 +321,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
             bar = log.bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
             if bar is not None:
                 bar.update(progress.batch_in_epoch)
-            for xb, yb in train_loader.iter_from(progress.batch_in_epoch):
+            for xb, yb in _batches_from(train_loader, progress.batch_in_epoch):
                 factor = lr_factor(progress.step, total_steps, cfg.schedule, cfg.milestones, cfg.gamma,
                                    warmup_steps)
                 for group in opt.param_groups:
@@ -383,7 +413,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
         "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
         "test_loss": last.get("test_loss"), "test_acc": last.get("test_acc"),
         "best_test_acc": progress.best_test_acc, "wall_time_s": wall,
-        "train_size": int(len(ds.x_train)), "test_size": int(len(ds.x_test)),
+        "train_size": _train_size(ds), "test_size": _test_size(ds),
         "world_size": info.world_size, "device": str(device),
         "versions": {"bnlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "hardware": _hardware(device),
