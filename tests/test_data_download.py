@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -94,7 +95,42 @@ def test_mirror_env_and_fallback(server, tmp_path, monkeypatch):
     with pytest.raises(dl.DownloadError, match="could not download train-images-idx3-ubyte.gz"):
         dl.download_dataset("mnist", tmp_path / "other", progress=False)
     # files already present with the right md5 are not fetched again (the mirror is dead now)
-    assert len(dl.download_dataset("mnist", tmp_path / "data", progress=False)) == 4
+    assert len(dl.download_dataset("mnist", tmp_path / "data" / "MNIST" / "raw", progress=False)) == 4
+
+
+def _serve_idx(www: Path, name: str, seed: int, monkeypatch, base: str) -> dict[str, np.ndarray]:
+    """Generated IDX files of ``name`` served at ``base/name/``, registered as its official files."""
+    arrays = fx.mnist_arrays(seed=seed)
+    arrays["y_train"] = (arrays["y_train"] + seed) % 10  # distinct label files, as the official ones are
+    src = fx.write_idx_folder(www / name, arrays)
+    files = [f"{s}.gz" for pair in fx.IDX_NAMES.values() for s in pair]
+    official = tuple(dl.Resource(f, _md5((src / f).read_bytes())) for f in files)
+    monkeypatch.setitem(dl.RESOURCES, name, official)
+    monkeypatch.setitem(dl.MIRRORS, name, [f"{base}{name}/"])
+    return arrays
+
+
+def test_mnist_and_fashion_mnist_share_a_root(server, tmp_path, monkeypatch):
+    """Both use the same IDX file names: downloads go to root/MNIST/raw and root/FashionMNIST/raw, and
+    a folder holding the *other* dataset's official files (md5) is never taken for this one."""
+    www, base = server
+    monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+    digits = _serve_idx(www, "mnist", 1, monkeypatch, base)
+    fashion = _serve_idx(www, "fashion_mnist", 2, monkeypatch, base)
+    root = tmp_path / "data"
+    m = load("mnist", root=root, download=True, progress=False)
+    f = load("fashion_mnist", root=root, download=True, progress=False)
+    np.testing.assert_array_equal(m.x_train[:, 0].numpy(), digits["x_train"])
+    np.testing.assert_array_equal(f.x_train[:, 0].numpy(), fashion["x_train"])
+    assert Path(m.source) == root / "MNIST" / "raw" and Path(f.source) == root / "FashionMNIST" / "raw"
+    # the official MNIST files loose in a root: found as mnist, skipped for fashion_mnist
+    loose = Path(shutil.copytree(www / "mnist", tmp_path / "loose"))  # byte-identical "official" files
+    assert load("mnist", root=loose).source == str(loose)
+    with pytest.raises(FileNotFoundError, match="no data under root"):
+        load("fashion_mnist", root=loose)
+    from bnlab.data.discover import find_datasets
+
+    assert find_datasets([str(loose)]) == {"mnist": str(loose)}
 
 
 def test_cifar_download_via_env_mirror(server, tmp_path, monkeypatch):

@@ -3,9 +3,12 @@
 ``root`` may be an ``.npz`` file, or a folder searched in this order:
 
 1. the four official IDX files (``train-images-idx3-ubyte[.gz]`` ..., also the ``.idx3-ubyte``
-   spelling) in ``root``, ``root/MNIST/raw`` (mnist) or ``root/FashionMNIST/raw`` (fashion_mnist),
-   ``root/<name>``;
+   spelling) in ``root/MNIST/raw`` (mnist) or ``root/FashionMNIST/raw`` (fashion_mnist),
+   ``root/<name>``, then ``root`` itself; a folder whose ``train-labels-idx1-ubyte.gz`` is the
+   *other* dataset's official file (md5) is skipped (both datasets use the same file names);
 2. ``root/<name>.npz`` (the ``shared/data`` layout).
+
+``download=True`` fetches into ``root/MNIST/raw`` / ``root/FashionMNIST/raw`` (torchvision's layout).
 
 IDX format (big-endian): magic ``00 00 <type> <ndim>``, ``ndim`` uint32 sizes, then the data in C
 order. Images are ``(N, 28, 28)`` uint8 (magic 2051), labels ``(N,)`` uint8 (magic 2049).
@@ -104,16 +107,40 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _is_other_official(folder: Path, name: str) -> bool:
+    """Whether ``folder``'s ``train-labels-idx1-ubyte.gz`` is the other dataset's official file (md5).
+
+    MNIST and Fashion-MNIST use the *same* file names, so a folder of IDX files is ambiguous; the
+    official label files' md5 (``download.RESOURCES``) tell them apart. Unknown files: ``False``.
+    """
+    path = folder / "train-labels-idx1-ubyte.gz"
+    if not path.is_file() or path.stat().st_size > 1 << 20:  # official: ~29 KB
+        return False
+    from .archives import md5_file
+    from .download import RESOURCES
+
+    def official(ds: str) -> bool:
+        return any(r.filename == path.name and r.md5 == digest for r in RESOURCES.get(ds, ()))
+
+    digest = md5_file(path)
+    return not official(name) and any(official(ds) for ds in _RAW_DIR if ds != name)
+
+
 def find_source(root: str | os.PathLike, name: str) -> Path | None:
-    """Where ``name`` lives under ``root``: a folder holding the four IDX files, or an ``.npz``."""
+    """Where ``name`` lives under ``root``: a folder holding the four IDX files, or an ``.npz``.
+
+    Folders are tried most specific first (``root/MNIST/raw`` or ``root/FashionMNIST/raw``,
+    ``root/<name>``, then ``root``); a folder whose label file is the *other* dataset's official one
+    (md5) is skipped, so MNIST files are never loaded as Fashion-MNIST or vice versa.
+    """
     root = Path(root).expanduser()
     if root.is_file():
         return root if root.suffix == ".npz" else None
     if not root.is_dir():
         return None
-    for folder in (root, root / _RAW_DIR[name] / "raw", root / name):
-        stems = [s for pair in IDX_FILES.values() for s in pair]
-        if all(_idx_path(folder, s) is not None for s in stems):
+    stems = [s for pair in IDX_FILES.values() for s in pair]
+    for folder in (root / _RAW_DIR[name] / "raw", root / name, root):
+        if all(_idx_path(folder, s) is not None for s in stems) and not _is_other_official(folder, name):
             return folder
     npz = root / f"{name}.npz"
     return npz if npz.is_file() else None
@@ -153,7 +180,8 @@ def _load(name: str, root: str | os.PathLike | None, download: bool, progress: b
 
         if root_p.suffix == ".npz":
             raise ValueError(f"{name}: cannot download into an .npz path {root_p}; pass a folder as root")
-        download_dataset(name, root_p, progress=progress)
+        # torchvision's layout, so MNIST and Fashion-MNIST (same file names) can share a root
+        download_dataset(name, root_p / _RAW_DIR[name] / "raw", progress=progress)
         src = find_source(root_p, name)
     if src is None:
         raise FileNotFoundError(
