@@ -278,6 +278,15 @@ def test_pickle_allowlist_edges():
         safe_loads(crafted)
     with pytest.raises(UnsafePickleError, match="holds Python objects"):
         safe_loads(pickle.dumps(np.array([1, "a"], dtype=object), protocol=2))
+    # object arrays through the allowed globals: _reconstruct with dtype code 'O', the ndarray
+    # constructor called directly (REDUCE) or as a class (NEWOBJ)
+    crafted = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01O\x87R."
+    with pytest.raises(UnsafePickleError, match="holds Python objects"):
+        safe_loads(crafted)
+    with pytest.raises(UnsafePickleError, match="directly"):
+        safe_loads(b"\x80\x02cnumpy\nndarray\nK\x02\x85U\x01O\x86R.")
+    with pytest.raises(pickle.UnpicklingError):
+        safe_loads(b"\x80\x02cnumpy\nndarray\nK\x02\x85U\x01O\x86\x81.")
     crafted = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R."
     with pytest.raises(UnsafePickleError, match="only 'latin1'"):
         safe_loads(crafted)

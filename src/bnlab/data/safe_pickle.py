@@ -4,7 +4,8 @@ Unpickling runs whatever callable a pickle names, so the official CIFAR batch fi
 :class:`RestrictedUnpickler`, whose ``find_class`` resolves only the globals those files need:
 
 * ``numpy.core.multiarray._reconstruct`` / ``numpy._core.multiarray._reconstruct`` (array
-  skeleton), ``numpy.ndarray``, ``numpy.dtype`` (non-object dtypes only);
+  skeleton; non-object dtype code), ``numpy.ndarray`` (only as that function's class argument,
+  never called), ``numpy.dtype`` (non-object dtypes only);
 * ``_codecs.encode`` with the ``latin1`` codec only (how Python 3 protocol-2 pickles store bytes).
 
 Everything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ``numpy.load``...) raises
@@ -40,12 +41,24 @@ def _numpy_reconstruct():
 _reconstruct = _numpy_reconstruct()
 
 
+def _ndarray_token(*args: Any, **kwargs: Any) -> None:
+    """What the global ``numpy.ndarray`` resolves to: a marker accepted only as ``_reconstruct``'s
+    class argument. Calling it (``REDUCE``/``NEWOBJ`` on ``numpy.ndarray``) is refused, so a pickle
+    cannot build arrays of arbitrary dtype through the ndarray constructor."""
+    raise UnsafePickleError("refusing to call numpy.ndarray directly; arrays are rebuilt via _reconstruct")
+
+
 def _safe_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> np.ndarray:
-    if cls is not np.ndarray:
+    if cls is not _ndarray_token:
         raise UnsafePickleError(
             f"numpy _reconstruct called with class {cls!r}; only numpy.ndarray is allowed"
         )
-    return _reconstruct(cls, shape, dtype_code)
+    if not isinstance(dtype_code, (str, bytes)):
+        raise UnsafePickleError(f"numpy _reconstruct dtype must be a type string, got {type(dtype_code).__name__}")
+    code = dtype_code.decode("latin1") if isinstance(dtype_code, bytes) else dtype_code
+    if np.dtype(code).hasobject:
+        raise UnsafePickleError(f"numpy _reconstruct dtype {code!r} holds Python objects; refused")
+    return _reconstruct(np.ndarray, shape, code)
 
 
 def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
@@ -70,7 +83,7 @@ def _safe_codecs_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ndarray_token,
     ("numpy", "dtype"): _safe_dtype,
     ("_codecs", "encode"): _safe_codecs_encode,
 }
