@@ -61,19 +61,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--phase", choices=["sweep", "main"], required=True)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--model", default=None, help="only configs whose name starts with this label")
     args = ap.parse_args()
     results = []
     if args.phase == "sweep":
-        base = cifar_base("plainnet18", None)
+        base = cifar_base("plainnet18", None).replace(epochs=3)   # held-out: 2000 train / 1000 val
         for lr in (0.1, 0.2, 0.5, 1.0):
             for cfg in method_configs(base, gsgd_lr={"G-SGD+BN": lr, "G-SGD+Path-BN": lr}):
                 if cfg.name in ("G-SGD+BN", "G-SGD+Path-BN"):
                     results.append(_run(cfg.replace(name=f"sweep:{cfg.name}@{lr}"), 0, "sweep"))
     else:
         for cfg in suite().configs:
+            if args.model and not cfg.name.startswith(args.model):
+                continue
             for seed in args.seeds:
                 results.append(_run(cfg, seed, "main"))
-    Path(f"experiments/pbn_{args.phase}_results.json").write_text(json.dumps(results, indent=1))
+    tag = f"_{args.model.replace('-', '').lower()}" if args.model else ""
+    Path(f"experiments/pbn_{args.phase}{tag}_results.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
