@@ -100,12 +100,17 @@ def test_mnist_truncated_gz_and_wrong_sizes(tmp_path):
         load("mnist", root=tmp_path)
 
 
-def test_read_bytes_caps_decompressed_size(tmp_path):
+def test_read_bytes_caps_decompressed_size(tmp_path, monkeypatch):
     p = tmp_path / "bomb.gz"
     p.write_bytes(gzip.compress(b"\x00" * 100_000))
     assert len(read_bytes(p)) == 100_000
     with pytest.raises(ArchiveError, match="max_bytes"):
         read_bytes(p, max_bytes=1000)
+    # the MNIST loader applies its own cap to each IDX file
+    folder = fx.write_idx_folder(tmp_path / "idx", fx.mnist_arrays())
+    monkeypatch.setattr("bnlab.data.mnist.MAX_IDX_BYTES", 1000)  # < the 30 x 28 x 28 train images
+    with pytest.raises(ArchiveError, match="max_bytes=1000"):
+        load("mnist", root=folder)
 
 
 def test_missing_root_and_bad_kwargs(tmp_path):

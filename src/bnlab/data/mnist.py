@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archives import read_bytes
+from .archives import DEFAULT_MAX_BYTES, read_bytes
 from .dataset import ImageDataset, from_numpy
 
 __all__ = ["load_mnist", "load_fashion_mnist", "parse_idx", "read_idx", "find_source", "IDX_FILES"]
@@ -58,6 +58,8 @@ CLASSES = {
     ],
 }
 _RAW_DIR = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+#: cap on one decompressed IDX file of the MNIST family (official train images: 47,040,016 bytes)
+MAX_IDX_BYTES = 256 << 20
 
 
 def parse_idx(data: bytes, *, source: str = "<bytes>", expect_ndim: int | None = None) -> np.ndarray:
@@ -92,9 +94,11 @@ def parse_idx(data: bytes, *, source: str = "<bytes>", expect_ndim: int | None =
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
-def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file, gzipped or not (detected from its bytes), see :func:`parse_idx`."""
-    return parse_idx(read_bytes(path), source=str(path), expect_ndim=expect_ndim)
+def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Read an IDX file, gzipped or not (detected from its bytes), at most ``max_bytes`` once
+    decompressed (gzip bombs), see :func:`parse_idx`."""
+    return parse_idx(read_bytes(path, max_bytes=max_bytes), source=str(path), expect_ndim=expect_ndim)
 
 
 def _idx_path(folder: Path, stem: str) -> Path | None:
@@ -152,8 +156,8 @@ def _load_idx_folder(folder: Path, name: str) -> dict[str, np.ndarray]:
         img_path, lab_path = _idx_path(folder, img_stem), _idx_path(folder, lab_stem)
         if img_path is None or lab_path is None:
             raise FileNotFoundError(f"{name}: {folder} lacks {img_stem}[.gz] or {lab_stem}[.gz]")
-        x = read_idx(img_path, expect_ndim=3)
-        y = read_idx(lab_path, expect_ndim=1)
+        x = read_idx(img_path, expect_ndim=3, max_bytes=MAX_IDX_BYTES)
+        y = read_idx(lab_path, expect_ndim=1, max_bytes=MAX_IDX_BYTES)
         if x.dtype != np.uint8 or x.shape[1:] != (28, 28):
             raise ValueError(
                 f"{name}: {img_path} holds {x.dtype} images of shape {x.shape[1:]}, expected uint8 (28, 28)"
