@@ -117,3 +117,14 @@ def test_compare_runner_tables_mean_std_and_skips_done_runs(tmp_path):
     accs = [r.summary["test_acc"] for r in runs if r.name == "BN"]
     m = sum(accs) / 2
     assert f"{100 * m:.2f} ±" in format_table(runs)
+
+
+def test_diagnose_cli_and_trainer_diagnostics(tmp_path):
+    out = tmp_path / "d"
+    bnlab("train", *TINY, "--epochs", "1", "--max-steps-per-epoch", "3", "--diagnostics-every", "1",
+          "--diagnostics-batches", "3", "--out", str(out), "--quiet")
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["diag/grad_sq_norm"] > 0 and row["diag/grad_variance"] >= 0 and row["diag/lipschitz"] > 0
+    proc = bnlab("diagnose", str(out), "--batches", "3", "--json", str(tmp_path / "d.json"))
+    assert "grad_sq_norm" in proc.stdout and "lipschitz" in proc.stdout
+    assert json.loads((tmp_path / "d.json").read_text())["num_batches"] == 3

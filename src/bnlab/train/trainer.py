@@ -186,19 +186,15 @@ def _evaluate(model: nn.Module, loader: DeviceLoader, cfg: RunConfig, device: to
     return sums[0].item() / n, sums[1].item() / n
 
 
-def _diagnostics(model: nn.Module, loader: DeviceLoader, cfg: RunConfig) -> dict[str, float]:
-    try:
-        from ..diagnostics import three_effects
-    except ImportError:  # pragma: no cover - the diagnostics package is optional at import time
+def _diagnostics(model: nn.Module, loader, cfg: RunConfig, lr: float) -> dict[str, float]:
+    """The CBN paper's three effects at the current weights, on the next training batches."""
+    from ..diagnostics import three_effects
+
+    batches = list(itertools.islice(iter(loader), cfg.diagnostics_batches))
+    if len(batches) < 2:
         return {}
-    batches = []
-    for i, batch in enumerate(loader):
-        if i >= cfg.diagnostics_batches:
-            break
-        batches.append(batch)
-    report = three_effects(model, nn.CrossEntropyLoss(), batches)
-    flat = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    return {f"diag/{k}": float(v) for k, v in flat.items() if isinstance(v, (int, float))}
+    report = three_effects(model, nn.CrossEntropyLoss(), batches, lr=lr)
+    return report.scalars(prefix="diag/")
 
 
 def _state(model: nn.Module, opt: torch.optim.Optimizer, scaler, progress: _Progress,
@@ -385,10 +381,12 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
             if hasattr(opt, "telemetry"):
                 row.update({f"opt/{k}": float(v) for k, v in opt.telemetry().items()})
             if cfg.diagnostics_every and (epoch + 1) % cfg.diagnostics_every == 0:
-                row.update(_diagnostics(model, train_loader, cfg))
+                row.update(_diagnostics(model, train_loader, cfg, opt.param_groups[0]["lr"]))
             progress.epoch += 1
             progress.batch_in_epoch = 0
             progress.loss_sum = progress.correct = progress.seen = 0.0
+            row = {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "train_loss" else v)
+                   for k, v in row.items()}  # strict JSON: NaN diagnostics become null
             progress.history.append(row)
             if info.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
