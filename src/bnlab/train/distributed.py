@@ -39,6 +39,21 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _attempt_store(timeout: timedelta):
+    """The rendezvous store of this torchrun attempt, under a per-attempt key prefix.
+
+    torchrun (``--max-restarts``) reuses its agent's TCPStore across restarts; without a prefix a
+    restarted worker can read the previous attempt's process-group keys (the dead peers' gloo
+    addresses) and fail with "Connection refused". ``None`` outside torchrun (plain ``env://``).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return dist.PrefixStore(f"bnlab/{run_id}/attempt_{attempt}/", store)
+
+
 def setup_distributed(requested_device: str = "auto", timeout_s: float = 300.0) -> DistInfo:
     """Initialise the default process group from torchrun's environment (``WORLD_SIZE``,
     ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) when ``WORLD_SIZE > 1``."""
@@ -48,7 +63,12 @@ def setup_distributed(requested_device: str = "auto", timeout_s: float = 300.0) 
     device = _pick_device(requested_device, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return DistInfo(rank, world, local_rank, device)
