@@ -4,6 +4,7 @@ unpickling, safe tar handling, ImageNet-style folders and discovery. All files a
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import random
 import sys
@@ -367,6 +368,18 @@ def test_imagefolder_errors(tree, tmp_path):
         load("imagefolder", root=tree, image_size=32, resize_size=20)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         load("imagefolder", root=tmp_path)
+
+
+def test_imagefolder_symlink_cycle_scanned_once(tmp_path):
+    from bnlab.data.imagefolder import scan_split
+
+    root = fx.write_image_tree(tmp_path / "t", per_class=2)
+    plain, _ = scan_split(root / "train")
+    (root / "train" / "cat" / "up").symlink_to("..")  # cat/up -> train: a cycle
+    (root / "train" / "dog" / "again").symlink_to(".")  # dog/again -> dog
+    looped, classes = scan_split(root / "train")
+    assert len(looped) == len(plain) + 4  # cat/up/{dog,eel} once each; no repeats through the cycles
+    assert len({os.path.realpath(p) for p, _ in looped}) == len(plain)
 
 
 def test_random_resized_crop_params_properties():

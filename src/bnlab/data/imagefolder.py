@@ -72,7 +72,13 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[tup
     index = {c: i for i, c in enumerate(classes)}
     samples = []
     for c in found:
+        seen: set[str] = set()  # real paths walked: a symlink cycle is visited once, not ~40 times
         for dirpath, dirnames, filenames in os.walk(folder / c, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames.sort()
             for f in sorted(filenames):
                 if f.lower().endswith(IMG_EXTENSIONS):
