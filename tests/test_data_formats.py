@@ -361,6 +361,17 @@ def test_imagefolder_scan_and_loaders(tree):
     assert te[0][0].shape == (9, 3, 32, 32) and te[0][1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_imagefolder_subset_via_load(tree):
+    full = load("imagefolder", root=tree)
+    d = load("imagefolder", root=tree, train_subset=6, test_subset=3, seed=1)
+    assert [lab for _, lab in d.train_samples].count(0) == 2 and len(d.train_samples) == 6  # 2 per class
+    assert sorted(lab for _, lab in d.test_samples) == [0, 1, 2]
+    assert set(d.train_samples) <= set(full.train_samples) and set(d.test_samples) <= set(full.test_samples)
+    again = load("imagefolder", root=tree, train_subset=6, test_subset=3, seed=1)
+    assert again.train_samples == d.train_samples  # seeded
+    assert full.subset(None, None).train_samples == full.train_samples
+
+
 def test_imagefolder_errors(tree, tmp_path):
     with pytest.raises(ValueError, match="download=True is not supported"):
         load("imagefolder", root=tree, download=True)

@@ -18,6 +18,7 @@ Randomness is a pure function of ``(seed, epoch, sample index)``: each sample ge
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -342,6 +343,21 @@ class ImageFolderData:
             num_workers=num_workers,
             **kwargs,
         )
+
+    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> ImageFolderData:
+        """Class-stratified seeded subsets of the sample lists (``None`` keeps a split whole), with
+        :func:`~bnlab.data.dataset.stratified_subset`'s rule, as ``ImageDataset.subset`` (so
+        ``load("imagefolder", train_subset=..., test_subset=...)`` works). Nothing is decoded."""
+        from .dataset import stratified_subset
+
+        def pick(samples: list[tuple[str, int]], n: int | None, s: int) -> list[tuple[str, int]]:
+            if n is None:
+                return samples
+            idx = stratified_subset(torch.tensor([lab for _, lab in samples], dtype=torch.int64), n, s)
+            return [samples[i] for i in idx.tolist()]
+
+        return dataclasses.replace(self, train_samples=pick(self.train_samples, train, seed),
+                                   test_samples=pick(self.test_samples, test, seed + 1))
 
     def describe(self) -> str:
         return (
