@@ -361,6 +361,17 @@ def test_imagefolder_scan_and_loaders(tree):
     assert te[0][0].shape == (9, 3, 32, 32) and te[0][1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_imagefolder_iter_from_resumes_exactly(tree):
+    tl = load("imagefolder", root=tree, image_size=32, resize_size=36).train_loader(2, num_workers=0, seed=3)
+    tl.set_epoch(2)
+    full = list(tl)
+    assert len(full) == len(tl) == 4  # 9 samples, drop_last
+    tail = list(tl.iter_from(1))
+    assert len(tail) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                  for a, b in zip(full[1:], tail))
+    assert list(tl.iter_from(4)) == []
+
+
 def test_imagefolder_subset_via_load(tree):
     full = load("imagefolder", root=tree)
     d = load("imagefolder", root=tree, train_subset=6, test_subset=3, seed=1)

@@ -249,7 +249,14 @@ class FolderLoader:
         return min(b, self.max_batches) if self.max_batches is not None else b
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        keys = [(int(i), self.epoch) for i in self.indices()[: len(self) * self.batch_size]]
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``start_batch, start_batch + 1, ...`` of the current epoch, without decoding the
+        skipped ones (a batch is a pure function of (seed, epoch, its sample indices))."""
+        n_batches = len(self)
+        keys = [(int(i), self.epoch) for i in self.indices()[start_batch * self.batch_size:
+                                                              n_batches * self.batch_size]]
         dl = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -258,8 +265,8 @@ class FolderLoader:
             drop_last=self.drop_last,
             pin_memory=self.device.type == "cuda",
         )
-        for b, (x, y) in enumerate(dl):
-            if b >= len(self):
+        for b, (x, y) in enumerate(dl, start_batch):
+            if b >= n_batches:
                 break
             x = normalize_batch(x.to(self.device, non_blocking=True), self.mean, self.std, self.dtype)
             if self.channels_last:
