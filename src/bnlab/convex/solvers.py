@@ -153,7 +153,6 @@ def fista(prob: ConvexBNProblem, tol: float = 1e-8, max_iter: int = 20000, W0: T
 def augmented_lagrangian(prob: ConvexBNProblem, tol: float = 1e-8, constraint_tol: float = 1e-8,
                          max_iter: int = 50000, max_outer: int = 100000, delta0: float = 100.0,
                          stall: float = 0.9, growth: float = 2.0, inner_decay: float = 0.3, inner_max: int = 100000,
-                         prox_mu: float = 0.0,
                          W0: Tensor | None = None, verbose: bool = False) -> ConvexSolution:
     """Exact (C-BN) by an augmented Lagrangian; certificate from the multipliers (problem.dual_bound)."""
     t0 = time.perf_counter()
@@ -179,14 +178,10 @@ def augmented_lagrangian(prob: ConvexBNProblem, tol: float = 1e-8, constraint_to
                 G = A * p.hidden(W)
                 R = (lam - delta * G).clamp_min(0)
                 f = p.loss_value(Z) + (0.5 / delta) * ((R ** 2).sum() - (lam ** 2).sum())
-                if prox_mu > 0:
-                    f = f + 0.5 * prox_mu * ((W - Wk) ** 2).sum()
                 if not need_grad:
                     return f, None
-                g = p.grad_from_pred(p.loss_grad(Z)) - (R * A) @ p.Up
-                return f, (g + prox_mu * (W - Wk) if prox_mu > 0 else g)
+                return f, p.grad_from_pred(p.loss_grad(Z)) - (R * A) @ p.Up
 
-            Wk = W.clone()
             W, L, it = _fista_core(fg, W, p.beta, max(L, delta), max(1, min(inner_max, max_iter - total)),
                                    inner_tol, bar=bar)
             total += it
