@@ -549,3 +549,17 @@ def test_psi_weight_decay_is_coupled_through_the_rule():
     opt.step()
     s = w0.pow(2).sum(1, keepdim=True)
     torch.testing.assert_close(w.detach(), (1 - 0.1 * 0.01 * s) * w0 - 0.1 * s * g, atol=1e-12, rtol=0)
+
+
+def test_psi_suite_configs_build_their_optimisers():
+    from bnlab.suites import get_suite
+
+    for quick in (True, False):
+        s = get_suite("psi", quick=quick)
+        assert [c.name for c in s.configs] == ["SGD", "SGDM", "PSI-SGD", "PSI-SGDM"]
+        assert all(c.weight_decay == 0.0 for c in s.configs)
+    model = bnlab.models.build("resnet20", width=0.25, in_channels=1)
+    for c in get_suite("psi", quick=True).configs:
+        opt = make_optimizer(c.optim, model, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                             **c.optim_options)
+        assert isinstance(opt, PSISGD) == c.optim.startswith("psi")
