@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train.config import ConfigError
     from .train.trainer import TrainingError
 
-    user_errors = (UserError, ConfigError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
-                   NotADirectoryError, PermissionError)
+    # OSError: full disk, read-only or missing folders, I/O errors (one line, not a traceback)
+    user_errors = (UserError, ConfigError, CheckpointError, TrainingError, ValueError, OSError)
     try:
         return int(handler(args) or 0)
     except KeyboardInterrupt as e:

@@ -32,7 +32,7 @@ from ..models import build
 from ..nn.stats import iter_stats_layers
 from ..optim import make_optimizer
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, setup_distributed
 from .schedule import lr_factor
 
@@ -234,6 +234,11 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False,
     stays), and :class:`TrainingError` for a missing checkpoint on ``resume``.
     """
     cfg.validate()
+    for name in ("lr", "momentum", "weight_decay", "width", "warmup_epochs"):  # validate() lets inf/nan through
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"config field {name!r}: got {getattr(cfg, name)!r}, expected a finite number")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config field 'device': got 'cuda' but CUDA is not available; expected 'cpu' or 'auto'")
     info = setup_distributed(cfg.device)
     try:
         return _train(cfg, info, resume, quiet, stop_after_epochs)
@@ -258,6 +263,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
             raise TrainingError(f"run folder {str(out)!r} is not writable")
 
     ds = prepare_data(cfg)
+    if _test_size(ds) == 0:
+        raise TrainingError(f"data {cfg.data!r}: the test split is empty; evaluation needs at least one image")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds).to(device)
     if cfg.channels_last:
@@ -276,11 +283,16 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
         if not ckpt_path.is_file():
             raise TrainingError(f"--resume: no checkpoint at {str(ckpt_path)!r}")
         state = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        progress = _Progress(**state["progress"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            progress = _Progress(**state["progress"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TrainingError(f"--resume: checkpoint {str(ckpt_path)!r} does not fit this run (other model, "
+                                f"optimizer or bnlab version?): {type(e).__name__}: {first}") from e
         log.line(f"resumed from {ckpt_path} at epoch {progress.epoch}, batch {progress.batch_in_epoch}")
     if info.is_main:
         cfg.save(out / "config.toml")
@@ -332,7 +344,12 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
                     scaler.update()
                 else:
                     loss.backward()
-                    opt.step()
+                    try:
+                        opt.step()
+                    except FloatingPointError as e:  # e.g. a degenerate G-SGD step (weights unchanged)
+                        raise NonFiniteLossError(f"optimizer step failed at epoch {epoch + 1}, step "
+                                                 f"{progress.step + 1}: {e}; the last good checkpoint "
+                                                 f"{str(ckpt_path)!r} is kept") from e
                 with torch.no_grad():
                     lossd = loss.detach()
                     bad |= ~torch.isfinite(lossd)
