@@ -114,7 +114,8 @@ def sample_patterns(Up: np.ndarray | Tensor, n_gates: int, seed: int = 0, space:
         G = torch.randn(Xc.shape[1], int(n_gates), generator=gen, dtype=torch.float64).numpy()
         H = Xc @ G
         qs = torch.rand(int(n_gates), generator=gen, dtype=torch.float64).numpy()
-        H = H - np.quantile(H, qs, axis=0).diagonal()[None, :]
+        rows = np.minimum((qs * Xc.shape[0]).astype(int), Xc.shape[0] - 1)
+        H = H - np.sort(H, axis=0)[rows, np.arange(H.shape[1])][None, :] + 1e-12
     else:
         raise ValueError(f"space must be 'whitened' or 'raw', got {space!r}")
     D = H >= 0
