@@ -124,3 +124,83 @@ def test_machine_info_cpu():
 
 def test_families_listed():
     assert set(FAMILIES) == {"norms", "optim", "train", "convex", "data"}
+
+
+# -- speed edits in bnlab.nn.stats / bnlab.nn.norm_act: same numbers as the plain formulas --------
+def test_channel_affine_matches_formula_and_gradcheck():
+    from bnlab.nn.stats import channel_affine
+
+    torch.manual_seed(0)
+    for shape in [(4, 3), (4, 3, 5), (2, 3, 4, 5)]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        view = [1, 3] + [1] * (len(shape) - 2)
+        ref = x * w.view(view) + b.view(view)
+        out = channel_affine(x, w, b)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, [x, w, b], g), torch.autograd.grad(ref, [x, w, b], g)):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(channel_affine, (x, w, b))
+        torch.testing.assert_close(channel_affine(x, None, b), x + b.view(view))
+        torch.testing.assert_close(channel_affine(x, w, None), x * w.view(view))
+    xh = torch.randn(2, 3, 4, 4).bfloat16()  # CPU half input, fp32 parameters: plain path
+    w32 = torch.randn(3)
+    out = channel_affine(xh, w32, None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, xh * w32.bfloat16().view(1, 3, 1, 1))
+    xc = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert channel_affine(xc, w32, None).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_standardize_affine_override_equals_affine_bn():
+    from bnlab.nn.stats import BatchStats
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for center_only in (False, True):
+        ours = BatchStats(4, affine=False, center_only=center_only).double()
+        ref_norm = BatchStats(4, affine=False, center_only=center_only).double()
+        out = ours.standardize(x, w, b)
+        ref = ref_norm(x) * w.view(1, 4, 1, 1) + b.view(1, 4, 1, 1)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, [x, w, b], g), torch.autograd.grad(ref, [x, w, b], g)):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours.running_mean, ref_norm.running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(ours.running_var, ref_norm.running_var, rtol=0, atol=0)
+    bn = torch.nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        bn.weight.copy_(w)
+        bn.bias.copy_(b)
+    torch.testing.assert_close(BatchStats(4, affine=False).double().standardize(x, w, b), bn(x),
+                               rtol=0, atol=0)
+
+
+def test_batchnormact_inplace_relu_matches_bn_relu_exactly():
+    from bnlab.nn.norm_act import Affine, BatchNormAct
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    ours = BatchNormAct(5, "relu").double()
+    ref = torch.nn.Sequential(torch.nn.BatchNorm2d(5), torch.nn.ReLU()).double()
+    with torch.no_grad():
+        for m in (ours, ref[0]):
+            m.weight.copy_(torch.linspace(-1, 2, 5))
+            m.bias.copy_(torch.linspace(-0.5, 0.5, 5))
+    out, r = ours(x), ref(x)
+    assert torch.equal(out, r)
+    g = torch.randn_like(r)
+    for a, b in zip(torch.autograd.grad(out, [x, ours.weight, ours.bias], g),
+                    torch.autograd.grad(r, [x, ref[0].weight, ref[0].bias], g)):
+        assert torch.equal(a, b)
+    assert torch.equal(ours.running_var, ref[0].running_var)
+    aff = Affine(5).double()
+    with torch.no_grad():
+        aff.weight.copy_(torch.linspace(-1, 2, 5))
+        aff.bias.uniform_()
+    torch.testing.assert_close(aff(x), x * aff.weight.view(1, 5, 1, 1) + aff.bias.view(1, 5, 1, 1),
+                               rtol=1e-12, atol=1e-12)

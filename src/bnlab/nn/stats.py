@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = [
     "BatchStats",
     "batch_moments",
+    "channel_affine",
     "check_batch_size",
     "reduce_dims",
     "stats_dtype",
@@ -97,6 +98,44 @@ def batch_moments(
         return mean, var, count
     var, mean = torch.var_mean(xf, dim=dims, correction=0)
     return mean, var, local_count
+
+
+def channel_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Per-channel ``x * weight + bias`` in one fused pass forward and one backward.
+
+    x: (N, C, *) -> same shape/dtype/memory format; weight, bias: (C,) or None. Runs PyTorch's
+    inference-mode batch-norm kernel with mean 0, variance 1 and eps 0, i.e. exactly
+    ``(x - 0) / sqrt(1 + 0) * weight + bias``: forward is one elementwise pass (instead of a
+    multiply and an add, each allocating), backward one pass giving d/dx, d/dweight, d/dbias.
+    Results equal ``x * w + b`` up to one rounding (the kernel may fuse the multiply-add).
+    Mixed dtypes the kernel rejects (e.g. CPU half input with fp32 parameters) take the plain path.
+    """
+    if weight is None and bias is None:
+        return x
+    ref = weight if weight is not None else bias
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    mixed_ok = x.dtype == ref.dtype or (x.device.type == "cuda" and half and ref.dtype == torch.float32)
+    if x.dim() < 2 or not mixed_ok:
+        shape = _broadcast_shape(x)
+        out = x if weight is None else x * weight.to(x.dtype).view(shape)
+        return out if bias is None else out + bias.to(x.dtype).view(shape)
+    c = x.shape[1]
+    mean, var = _unit_stats(c, ref.dtype, x.device)
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, 0.0)
+
+
+_UNIT_STATS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _unit_stats(c: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Cached constant (zeros(C), ones(C)) "running statistics" for :func:`channel_affine`."""
+    key = (c, dtype, device)
+    out = _UNIT_STATS.get(key)
+    if out is None:
+        out = (torch.zeros(c, dtype=dtype, device=device), torch.ones(c, dtype=dtype, device=device))
+        if len(_UNIT_STATS) < 256:
+            _UNIT_STATS[key] = out
+    return out
 
 
 def _broadcast_shape(x: Tensor) -> list[int]:
@@ -178,22 +217,31 @@ class BatchStats(_BatchNorm):
     def _use_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
-    def standardize(self, x: Tensor) -> Tensor:
-        """Normalise ``x`` (and apply gamma/beta when affine). Updates buffers in training."""
+    def standardize(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """Normalise ``x`` (and apply gamma/beta when affine). Updates buffers in training.
+
+        ``weight``/``bias`` (C,): an affine applied *inside* the same fused kernel instead of the
+        layer's own parameters (for layers built with ``affine=False`` whose owner keeps the affine,
+        e.g. CBN's ``A(Std(h))``); ``None`` uses ``self.weight``/``self.bias``.
+        """
         self._check_input_dim(x)
         use_batch = self._use_batch_stats()
         if use_batch and self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
         sync = self.sync_stats and use_batch and world_size(self.process_group) > 1
         if not sync and not self.center_only:
-            return self._native(x, use_batch)
-        return self._explicit(x, use_batch, sync)
+            return self._native(x, use_batch, weight, bias)
+        return self._explicit(x, use_batch, sync, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.standardize(x)
 
-    def _native(self, x: Tensor, use_batch: bool) -> Tensor:
-        """PyTorch's fused batch_norm kernel (cuDNN / native CPU); stats in fp32."""
+    def _native(self, x: Tensor, use_batch: bool, weight: Tensor | None = None,
+                bias: Tensor | None = None) -> Tensor:
+        """PyTorch's fused batch_norm kernel (cuDNN / native CPU); stats in fp32. ``weight``/``bias``
+        None: the layer's own."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
         if use_batch:
             if self.training:
                 check_batch_size(x)
@@ -202,15 +250,18 @@ class BatchStats(_BatchNorm):
             rv = self.running_var if self.training and self.track_running_stats else None
         else:
             momentum, rm, rv = 0.0, self.running_mean, self.running_var
-        weight, bias = self.weight, self.bias
         if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
             # The CPU kernel wants matching dtypes; compute in fp32 and cast back.
             out = F.batch_norm(x.float(), rm, rv, _f32(weight), _f32(bias), use_batch, momentum, self.eps)
             return out.to(x.dtype)
         return F.batch_norm(x, rm, rv, weight, bias, use_batch, momentum, self.eps)
 
-    def _explicit(self, x: Tensor, use_batch: bool, sync: bool) -> Tensor:
-        """Moments by hand: cross-process reduction and/or centring only."""
+    def _explicit(self, x: Tensor, use_batch: bool, sync: bool, weight: Tensor | None = None,
+                  bias: Tensor | None = None) -> Tensor:
+        """Moments by hand: cross-process reduction and/or centring only. ``weight``/``bias`` None:
+        the layer's own."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
         shape = _broadcast_shape(x)
         acc = stats_dtype(x.dtype)
         if use_batch:
@@ -225,8 +276,10 @@ class BatchStats(_BatchNorm):
         xf = x.to(acc) - mean.view(shape)
         if not self.center_only:
             xf = xf * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            xf = xf * self.weight.to(acc).view(shape) + self.bias.to(acc).view(shape)
+        if weight is not None:
+            xf = xf * weight.to(acc).view(shape)
+        if bias is not None:
+            xf = xf + bias.to(acc).view(shape)
         return xf.to(x.dtype)
 
     @torch.no_grad()
