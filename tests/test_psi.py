@@ -563,3 +563,9 @@ def test_psi_suite_configs_build_their_optimisers():
         opt = make_optimizer(c.optim, model, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                              **c.optim_options)
         assert isinstance(opt, PSISGD) == c.optim.startswith("psi")
+
+
+def test_invariance_guard_ignores_psi_weight_decay():
+    """The orthogonality test is applied to the loss gradient, before coupled L2 is added."""
+    net = make_net()
+    train(net, psi_opt(net, psi_weight_decay=0.5), batches(3))

@@ -337,10 +337,7 @@ class PSISGD(Optimizer):
         svec = [s[k] for k in owner]
         if self.check_finite:
             self._check_finite(gi, group, units, ts, gs, s)
-        lam = group["psi_weight_decay"]
-        if lam != 0:
-            gs = torch._foreach_add(gs, ts, alpha=lam)  # coupled L2 (spec Sec. 3.7)
-        if guard or group["project_grad"]:
+        if guard or group["project_grad"]:  # on the loss gradient, before any weight decay
             dot = self._unit_sum([_rowsum((t * g).to(_acc_dtype(t)), d) for t, g, d in zip(ts, gs, dims)],
                                  owner, len(units))
             if guard:
@@ -349,6 +346,9 @@ class PSISGD(Optimizer):
                 coef = [(dot[k] / s[k]) for k in owner]
                 gs = torch._foreach_sub(gs, [t * _bview(c.to(t.dtype), t, d) for t, c, d in
                                              zip(ts, coef, dims)])
+        lam = group["psi_weight_decay"]
+        if lam != 0:
+            gs = torch._foreach_add(gs, ts, alpha=lam)  # coupled L2 (spec Sec. 3.7)
         scale = [_bview(v.to(t.dtype), t, d) for v, t, d in zip(svec, ts, dims)]
         rgrad = torch._foreach_mul(gs, scale)  # Riemannian gradient ||theta||^2 G (eq. 7)
         if rho != 0:
