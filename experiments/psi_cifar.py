@@ -10,6 +10,7 @@ loss is kept (no test-set tuning). Phase 2: seeds 1 and 2 at the kept LR. Finish
 
     python experiments/psi_cifar.py --out runs/psi_cifar            # the runs of docs/results/psi.md
     python experiments/psi_cifar.py --out runs/psi_cifar --table    # print the tables only
+    (docs/results/psi.md ran it as two processes: --methods SGD SGDM and --methods PSI-SGD PSI-SGDM)
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = {r["name"] for r in _load(out)}
-    for method in METHODS:
+    for method in args.methods:
         for lr in METHODS[method][2]:
             _run_one(args, method, lr, 0, done)
     rows = _load(out)
     for seed in args.seeds[1:]:
-        for method in METHODS:
+        for method in args.methods:
             _run_one(args, method, best_lr(rows, method), seed, done)
 
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-subset", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="run only these methods (e.g. two processes, one per half)")
     p.add_argument("--table", action="store_true", help="only print the tables of finished runs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
