@@ -95,3 +95,14 @@ def test_resume_without_checkpoint_is_clear(tmp_path):
 
     with pytest.raises(TrainingError, match="no checkpoint"):
         train(_cfg(tmp_path), resume=True, quiet=True)
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    s = train(_cfg(tmp_path, amp="bf16", channels_last=True, epochs=1), quiet=True)
+    assert s["train_loss"] is not None and s["train_loss"] == s["train_loss"]
+
+
+def test_compile_runs(tmp_path):
+    pytest.importorskip("torch._dynamo")
+    s = train(_cfg(tmp_path, model="mlp", compile=True, epochs=1, max_steps_per_epoch=2), quiet=True)
+    assert s["epochs"] == 1

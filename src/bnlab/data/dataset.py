@@ -97,8 +97,9 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def stratified_subset(y: Tensor, n: int, seed: int = 0) -> Tensor:
     """Indices of ``n`` samples with classes in proportion to ``y`` (seeded, sorted)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"subset size must be an int >= 1, got {n!r}")
+    n = int(n)
     if n >= len(y):
         return torch.arange(len(y))
     rng = np.random.default_rng(seed)

@@ -65,8 +65,9 @@ class DeviceLoader:
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                  drop_last: bool = False, channels_last: bool = False,
                  dtype: torch.dtype = torch.float32, max_batches: int | None = None) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for arg, v in (("batch_size", batch_size), ("world_size", world_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
         if len(x) == 0:
             raise ValueError("cannot iterate an empty dataset")
         if not 0 <= rank < world_size:

@@ -88,8 +88,6 @@ class _StopFlag:
 def prepare_data(cfg: RunConfig) -> ImageDataset:
     """Load ``cfg.data`` with the configured subsets (subset choice seeded by 0, the same for all
     seeds, so seeds differ only in initialisation and batch order)."""
-    if cfg.data == "imagefolder" and (cfg.train_subset or cfg.test_subset):
-        raise TrainingError("train_subset/test_subset are not supported for imagefolder data")
     return load(cfg.data, root=cfg.data_dir, download=cfg.download, train_subset=cfg.train_subset,
                 test_subset=cfg.test_subset, seed=0, **dict(cfg.data_options))
 
