@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Result", "Skip", "Settings", "compare", "machine_info", "sync", "format_row"]
+__all__ = ["Result", "Skip", "Settings", "compare", "machine_info", "sync", "format_row", "markdown_table"]
 
 
 class Skip(Exception):
@@ -143,3 +143,16 @@ def format_row(r: Result) -> str:
     return (f"{r.name:<34} ours {r.ours_ms:10.3f} {r.unit:<5} base {r.baseline_ms:10.3f} {r.unit:<5} "
             f"ratio {r.ratio:6.3f}{mark:<16} {r.shape} {r.dtype} {r.device}"
             + (f"  [{r.note}]" if r.note else ""))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of a ``--json`` file as a Markdown table (name, ours, baseline, ratio, target)."""
+    out = ["| benchmark | shape / size | dtype | ours | baseline | ratio | target |",
+           "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        unit = r.get("unit", "ms")
+        tgt = "" if r.get("target") is None else (f"<= {r['target']}: " + ("met" if r["met"] else "**missed**"))
+        note = f" ({r['note']})" if r.get("note") else ""
+        out.append(f"| {r['name']}{note} | {r['shape']} | {r['dtype']} | {r['ours_ms']:.2f} {unit} | "
+                   f"{r['baseline_ms']:.2f} {unit} ({r.get('baseline', '')}) | {r['ratio']:.2f} | {tgt} |")
+    return "\n".join(out)
