@@ -41,13 +41,35 @@ def configs(args: argparse.Namespace):
                 )
 
 
+def _cache_datasets() -> None:
+    """Load each dataset once per process: the trainer's prepare_data re-reads and verifies the
+    CIFAR-10 archive on every run (~10 s CPU), which would double the sweep's cost."""
+    from bnlab.train import trainer
+
+    if getattr(trainer.prepare_data, "_cbn_cached", False):
+        return
+    original, cache = trainer.prepare_data, {}
+
+    def prepare_data(cfg):
+        key = (cfg.data, cfg.data_dir, cfg.train_subset, cfg.test_subset)
+        if key not in cache:
+            cache[key] = original(cfg)
+        return cache[key]
+
+    prepare_data._cbn_cached = True
+    trainer.prepare_data = prepare_data
+
+
 def run(args: argparse.Namespace) -> None:
     from bnlab.train import train
+
+    _cache_datasets()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {json.loads(line)["name"] for line in results.read_text().splitlines()} if results.exists() else set()
+    lines = results.read_text().splitlines() if results.exists() else []
+    done = {json.loads(line)["name"] for line in lines}
     for name, cfg in configs(args):
         if name in done:
             continue
@@ -84,7 +106,10 @@ def table(out: str) -> str:
             rs = cells.get((act, preset))
             if not rs:
                 continue
-            col = lambda k: _ms([float(r[k]) for r in rs])  # noqa: E731
+
+            def col(k: str, rs: list[dict] = rs) -> str:
+                return _ms([float(r[k]) for r in rs])
+
             lines.append(f"| {act} | {preset} | {len(rs)} | {col('test_acc')} | {col('train_loss')} | "
                          f"{col('lipschitz')} | {col('grad_sq_norm')} | {col('grad_variance')} | "
                          f"{col('scaled_grad_sq_norm')} |")
