@@ -1,4 +1,4 @@
-"""Markdown tables for docs/results/pbn.md from experiments/pbn_main_*_results.json."""
+"""Markdown tables for docs/results/pbn.md from experiments/pbn_main_*.jsonl (the runs' JSON lines)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ PAPER = {  # S1 Table 1 / S2 Table 1, CIFAR-10 test error (%), mean (std) over 5
 
 def main() -> None:
     rows: dict[tuple[str, str], list[dict]] = {}
-    for path in sorted(Path("experiments").glob("pbn_main_*_results.json")):
-        for r in json.loads(path.read_text()):
-            arch, method = r["name"].split(" ", 1)
-            rows.setdefault((method, arch), []).append(r)
+    records = []
+    for path in sorted(Path("experiments").glob("pbn_main_*.jsonl")):   # one JSON line per finished run
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    for r in records:
+        arch, method = r["name"].split(" ", 1)
+        rows.setdefault((method, arch), []).append(r)
     archs = ["PlainNet-18", "ResNet-18"]
     print("| Method | lr | " + " | ".join(f"{a}: ours, test err % (± std, n)" for a in archs)
           + " | " + " | ".join(f"{a}: paper" for a in archs) + " |")
