@@ -569,3 +569,12 @@ def test_invariance_guard_ignores_psi_weight_decay():
     """The orthogonality test is applied to the loss gradient, before coupled L2 is added."""
     net = make_net()
     train(net, psi_opt(net, psi_weight_decay=0.5), batches(3))
+
+
+def test_add_param_group_is_validated():
+    net = make_net()
+    opt = PSISGD([{"params": [net.fc.weight]}], lr=0.1)
+    opt.add_param_group({"params": [net.fc.bias], "momentum": 0.9})
+    with pytest.raises(ValueError, match="psi_units"):
+        opt.add_param_group({"params": [net.c2.weight], "psi": True})
+    assert len(opt.param_groups) == 2

@@ -144,9 +144,7 @@ class PSISGD(Optimizer):
         self.track_angles = bool(track_angles)
         self._steps_done = 0
         self._bn: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            self._validate_group(i, group)
+        super().__init__(params, defaults)  # each group is validated in add_param_group
         if check_invariance == "off" and any(g["psi"] for g in self.param_groups):
             warnings.warn("PSISGD: check_invariance='off': parameters in PSI groups are not checked for "
                           "scale invariance; a non-invariant parameter gets a wrong (norm-scaled) update",
@@ -223,8 +221,11 @@ class PSISGD(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_bn"):  # not during __init__ (validated there, in order)
+        try:
             self._validate_group(len(self.param_groups) - 1, self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # leave the optimiser as it was
+            raise
 
     # -- BN statistics binding ----------------------------------------------------------------
     def bind_bn_stats(self, source: nn.Module | Mapping[tuple[int, int], tuple[Tensor, Tensor]]) -> None:
