@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--phase", choices=["sweep", "main"], required=True)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--model", default=None, help="only configs whose name starts with this label")
+    ap.add_argument("--methods", nargs="*", default=None, help="only these methods (e.g. SGD+Path-BN)")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
     results = []
     if args.phase == "sweep":
@@ -74,9 +76,11 @@ def main() -> None:
         for cfg in suite().configs:
             if args.model and not cfg.name.startswith(args.model):
                 continue
+            if args.methods and cfg.name.split(" ", 1)[-1] not in args.methods:
+                continue
             for seed in args.seeds:
                 results.append(_run(cfg, seed, "main"))
-    tag = f"_{args.model.replace('-', '').lower()}" if args.model else ""
+    tag = (f"_{args.model.replace('-', '').lower()}" if args.model else "") + args.tag
     Path(f"experiments/pbn_{args.phase}{tag}_results.json").write_text(json.dumps(results, indent=1))
 
 
