@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import typing
 from pathlib import Path
@@ -267,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     from .train.trainer import TrainingError
 
     # OSError: full disk, read-only or missing folders, I/O errors (one line, not a traceback)
-    user_errors = (UserError, ConfigError, CheckpointError, TrainingError, ValueError, OSError)
+    # UnpicklingError: a dataset pickle refused by the restricted unpickler (bnlab.data.safe_pickle)
+    user_errors = (UserError, ConfigError, CheckpointError, TrainingError, ValueError, OSError,
+                   pickle.UnpicklingError)
     try:
         return int(handler(args) or 0)
     except KeyboardInterrupt as e:
