@@ -113,6 +113,16 @@ def table(out: str) -> str:
             lines.append(f"| {act} | {preset} | {len(rs)} | {col('test_acc')} | {col('train_loss')} | "
                          f"{col('lipschitz')} | {col('grad_sq_norm')} | {col('grad_variance')} | "
                          f"{col('scaled_grad_sq_norm')} |")
+    lines += ["", "Δ test accuracy vs vanilla (percentage points, mean over the seeds both ran):", "",
+              "| act | " + " | ".join(p for p in PRESETS[1:]) + " |", "|---|" + "---|" * (len(PRESETS) - 1)]
+    for act in ACTS:
+        van = {r["seed"]: r["test_acc"] for r in cells.get((act, "vanilla"), [])}
+        row = []
+        for preset in PRESETS[1:]:
+            d = [100 * (r["test_acc"] - van[r["seed"]]) for r in cells.get((act, preset), []) if r["seed"] in van]
+            row.append(f"{sum(d) / len(d):+.1f} (n={len(d)})" if d else "–")
+        if van:
+            lines.append(f"| {act} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ Full version (docs/results/cbn.md): ResNet-20 at width 0.5 on a 2000-image strat
 subset (1000 test images), 3 epochs, batch 128, SGD momentum 0.9, lr 0.1 cosine, weight decay 5e-4,
 crop + flip, presets vanilla/decoupled/post_bn/double/split_post/post_center x
 sigmoid/tanh/selu/relu/silu, 3 seeds. ``quick=True``: MLP 2x64 on scikit-learn digits, sigmoid and
-relu, presets vanilla/decoupled/post_bn, 3 epochs, one seed (about a minute on an idle 2-core CPU).
+relu, presets vanilla/decoupled/post_bn, 3 epochs, two seeds (about a minute on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def suite(quick: bool = False, data_dir: str | None = None) -> Suite:
                          schedule="cosine", augment=False)
         return Suite(name="cbn", description="CBN presets vs vanilla BN, MLP 2x64 on digits (quick).",
                      configs=grid(base, ["sigmoid", "relu"], ["vanilla", "decoupled", "post_bn"]),
-                     seeds=[0], columns=COLUMNS,
+                     seeds=[0, 1], columns=COLUMNS,
                      notes="SGD m=0.9, lr 0.1 cosine, wd 5e-4; three effects at the last epoch.")
     base = RunConfig(model="resnet20", width=0.5, data="cifar10",
                      data_dir=data_dir or "/work/shared/data/cifar10.npz", train_subset=2000,
