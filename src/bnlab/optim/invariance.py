@@ -71,6 +71,28 @@ class LayerReport:
 
 
 # -- concrete tracing --------------------------------------------------------------------------
+_META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"}
+_META_CALLS = {"dim", "size", "numel", "ndimension", "nelement", "get_device", "is_floating_point",
+               "is_contiguous"}
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A proxy whose shape metadata (``.shape``, ``.dim()``, ``len``, ...) is the concrete value, so
+    shape arithmetic (``[1] * x.dim()``, ``range(x.shape[1])``) runs as ordinary Python."""
+
+    def __getattr__(self, k: str) -> Any:
+        val = self.node.meta.get("val")
+        if isinstance(val, Tensor) and (k in _META_ATTRS or k in _META_CALLS):
+            return getattr(val, k)
+        return super().__getattr__(k)
+
+    def __len__(self) -> int:
+        return len(self.node.meta["val"])
+
+    def __index__(self) -> int:
+        return operator.index(self.node.meta["val"])
+
+
 class _ConcreteTracer(fx.Tracer):
     """An fx tracer that evaluates each node on real inputs while recording it, so ``bool``/``iter``
     of a proxy (shape checks, loops over sizes) resolve to the concrete value."""
@@ -133,6 +155,9 @@ class _ConcreteTracer(fx.Tracer):
         if self._evaluating:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(obj.node.meta["val"])
