@@ -25,6 +25,15 @@ LAYER_CASES = {c[0]: c for c in W.layer_cases()}
 MODEL_CASES = {c[0]: c for c in W.model_cases()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """float64 references are tiny; intra-op threads only contend on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     """One 2-process gloo job runs every case (process start-up dominates the cost)."""
