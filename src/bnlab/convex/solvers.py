@@ -288,6 +288,7 @@ def solve(prob: ConvexBNProblem, solver: str = "al", tol: float = 1e-8, max_iter
         return solve_cvxpy(prob, "CLARABEL" if s == "cvxpy" else s.upper(), **kwargs)
     p = _as_tensors(prob, torch.device(device), dtype)
     if s == "al":
+        kwargs.setdefault("constraint_tol", tol)
         return augmented_lagrangian(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
     if s == "fista":
         return fista(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
