@@ -228,3 +228,29 @@ def test_check_estimator():
         warnings.simplefilter("ignore")
         for est in (ConvexBNRegressor(n_patterns=8), ConvexBNClassifier(n_patterns=8)):
             check_estimator(est)
+
+
+def test_bn_after_relu_convex_equals_recovered_and_lbfgs_not_below():
+    from bnlab.convex.after_relu import after_relu_objective, solve_after_relu
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((8, 2)), rng.standard_normal(8)
+    sol = solve_after_relu(X, y, 0.1, n_gates=4000)
+    rec = after_relu_objective(X, y, sol.W, sol.gamma, sol.alpha, sol.v, 0.1)
+    assert abs(rec - sol.objective) < 1e-6 * sol.objective
+    Xt, yt = T(X), T(y)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        m = 6
+        params = [torch.randn(2, m, generator=g, dtype=torch.float64, requires_grad=True)]
+        params += [torch.randn(m, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        opt = torch.optim.LBFGS(params, max_iter=150, line_search_fn="strong_wolfe")
+
+        def closure(params=params, opt=opt):
+            opt.zero_grad()
+            f = after_relu_objective(Xt, yt, *params, 0.1, eps=1e-12)
+            f.backward()
+            return f
+        opt.step(closure)
+        with torch.no_grad():
+            assert float(after_relu_objective(Xt, yt, *params, 0.1, eps=1e-12)) >= sol.objective - 1e-5
