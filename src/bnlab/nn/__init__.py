@@ -1,5 +1,6 @@
 """Normalisation layers: the statistics core, norm-activation modules, factories by name."""
 
+from . import convert  # noqa: E402,I001  (installs the SyncBatchNorm.convert_sync_batchnorm guard)
 from .activations import activation_names, make_activation
 from .factory import BNFamily, NoNormFamily, NormFamily, get_norm, norm_names, register_norm
 from .norm_act import Affine, BatchNormAct, BatchNormAct1d, BatchNormAct2d
@@ -8,7 +9,7 @@ from .stats import BatchStats, batch_moments
 __all__ = [
     "Affine", "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchStats", "BNFamily",
     "NoNormFamily", "NormFamily", "activation_names", "batch_moments", "get_norm", "make_activation",
-    "norm_names", "register_norm",
+    "norm_names", "register_norm", "convert",
 ]
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from .. import __version__
 from ..data import DeviceLoader, ImageDataset, load
 from ..models import build
-from ..nn.stats import iter_stats_layers
+from ..nn.convert import sync
 from ..optim import make_optimizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
@@ -268,8 +268,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if info.distributed and cfg.sync_stats:
-        for layer in iter_stats_layers(model):
-            layer.sync_stats = True
+        sync(model)
     opt = make_optimizer(cfg.optim, model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                          nesterov=cfg.nesterov, **dict(cfg.optim_options))
     for group in opt.param_groups:
@@ -291,6 +290,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TrainingError(f"--resume: checkpoint {str(ckpt_path)!r} does not fit this run (other model, "
                                 f"optimizer or bnlab version?): {type(e).__name__}: {first}") from e
+        if info.distributed and info.rank != 0:  # rank 0's partial sums must be counted once
+            progress.loss_sum = progress.correct = progress.seen = 0.0
         log.line(f"resumed from {ckpt_path} at epoch {progress.epoch}, batch {progress.batch_in_epoch}")
     if info.is_main:
         cfg.save(out / "config.toml")
