@@ -262,7 +262,6 @@ class BatchStats(_BatchNorm):
         the layer's own."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
-        shape = _broadcast_shape(x)
         acc = stats_dtype(x.dtype)
         if use_batch:
             if self.training:
@@ -273,14 +272,15 @@ class BatchStats(_BatchNorm):
         else:
             mean = self.running_mean.to(acc)
             var = self.running_var.to(acc)
-        xf = x.to(acc) - mean.view(shape)
-        if not self.center_only:
-            xf = xf * torch.rsqrt(var + self.eps).view(shape)
+        # y = (x - mean) * scale + bias = x * scale + (bias - mean * scale): one fused pass
+        # (channel_affine) instead of a subtract, multiplies and adds, each a full pass.
+        scale = None if self.center_only else torch.rsqrt(var + self.eps)
         if weight is not None:
-            xf = xf * weight.to(acc).view(shape)
+            scale = weight.to(acc) if scale is None else scale * weight.to(acc)
+        shift = -mean if scale is None else -mean * scale
         if bias is not None:
-            xf = xf + bias.to(acc).view(shape)
-        return xf.to(x.dtype)
+            shift = shift + bias.to(acc)
+        return channel_affine(x.to(acc), scale, shift).to(x.dtype)
 
     @torch.no_grad()
     def _update_running(self, mean: Tensor, var_biased: Tensor, count: int) -> None:
