@@ -76,6 +76,7 @@ def _run_one(args: argparse.Namespace, method: str, lr: float, seed: int, done: 
     from bnlab.train import train
 
     name, cfg = make_config(args, method, lr, seed)
+    done |= {r["name"] for r in _load(Path(args.out))}  # another process may have run it
     if name in done:
         return
     t0 = time.process_time()

@@ -3,6 +3,8 @@ cross-checked against the numeric probe (per-unit positive rescaling, float64, B
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,13 +249,13 @@ def test_multiplication_by_a_tensor_breaks():
 ])
 def test_bnlab_zoo(name, kw, expect_fc_only):
     model = bnlab.models.build(name, **kw)
-    reports = analyse_scale_invariance(model, verify=True)  # default example input
+    x = torch.randn(4, 4 * 4) if name == "mlp" else torch.randn(4, 3, 8, 8)
+    reports = analyse_scale_invariance(model, x, verify=True)
     non = [r.module for r in reports if not r.invariant]
     assert non == ["fc"]
     for r in reports:
         if r.invariant:
             assert r.norm == r.module.rsplit(".", 1)[0] + ".norm"  # ConvUnit(conv, norm)
-    x = invariance.default_example_input(model)
     fx = verdicts(model, x, "fx")
     assert verdicts(model, x, "runtime") == fx
 
@@ -275,8 +277,8 @@ class Untraceable(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        n = len(x)  # len() of a proxy is refused by fx
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))[:n]
+        scale = float(x.abs().mean())  # float() of a proxy cannot be traced
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3))) * scale
 
 
 def test_runtime_fallback_when_tracing_fails():
@@ -302,3 +304,18 @@ def test_errors():
         find_scale_invariant(Between(nn.ReLU()), X, mode="magic")
     with pytest.raises(ValueError, match="example_input"):
         find_scale_invariant(nn.BatchNorm1d(3))
+
+
+@pytest.mark.parametrize("preset", ["split_post"])
+def test_cbn_models_trace_and_are_never_over_claimed(preset):
+    """bnlab's CBN presets (shape arithmetic in forward) trace; the graph analysis may be conservative
+    but never marks a layer the numeric probe rejects."""
+    pytest.importorskip("bnlab.nn.cbn")
+    model = bnlab.models.build("resnet20", norm=f"cbn:{preset}", act="sigmoid", width=0.25)
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the runtime probe
+        fx = verdicts(model, x, "fx")
+    runtime = verdicts(model, x, "runtime")
+    assert all(runtime[k] for k, ok in fx.items() if ok)
+    assert fx["fc"] is False
