@@ -254,3 +254,20 @@ def test_bn_after_relu_convex_equals_recovered_and_lbfgs_not_below():
         opt.step(closure)
         with torch.no_grad():
             assert float(after_relu_objective(Xt, yt, *params, 0.1, eps=1e-12)) >= sol.objective - 1e-5
+
+
+def test_cli_runs_and_prints_certificate(capsys):
+    import argparse
+
+    from bnlab.convex import cli
+
+    ap = argparse.ArgumentParser()
+    cli.add_parser(ap.add_subparsers())
+    args = ap.parse_args(["convex", "--classes", "0,1", "--n", "30", "--n-test", "20", "--patterns", "10",
+                          "--beta", "0.1", "--solver", "clarabel", "--quiet", "--json"])
+    assert args.func(args) == 0
+    import json
+
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_train"] == 30 and res["classes"] == 2 and res["certified"] is True
+    assert abs(res["objective"] - res["dual_bound"]) <= 1e-5 * res["objective"] and res["train_acc"] > 0.9
