@@ -142,9 +142,10 @@ def test_channel_affine_matches_formula_and_gradcheck():
         g = torch.randn_like(ref)
         for a, r in zip(torch.autograd.grad(out, [x, w, b], g), torch.autograd.grad(ref, [x, w, b], g)):
             torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
-        assert torch.autograd.gradcheck(channel_affine, (x, w, b))
         torch.testing.assert_close(channel_affine(x, None, b), x + b.view(view))
         torch.testing.assert_close(channel_affine(x, w, None), x * w.view(view))
+    xs = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(channel_affine, (xs, w, b))
     xh = torch.randn(2, 3, 4, 4).bfloat16()  # CPU half input, fp32 parameters: plain path
     w32 = torch.randn(3)
     out = channel_affine(xh, w32, None)
@@ -246,3 +247,16 @@ def test_markdown_table(quick_run):
     table = markdown_table(doc["results"]).splitlines()
     assert len(table) == len(doc["results"]) + 2
     assert all(line.count("|") >= 8 for line in table)
+
+
+def test_convex_table_parsing():
+    from bnlab.benchmarks.convex import parse_table
+
+    text = ("n, k, P | Clarabel | SCS (rel, ratio) | bnlab AL (rel, viol) | pyscnn AL (rel, viol, ratio)\n"
+            "60, 5, 30 | 1.25 | 0.50 (+6.3e-06, x0.00) | 257.21 (-2.0e-05, 2e-05) | not installed | x0.00\n"
+            "100, 10, 50 | 2.00 | 1.00 (+1e-06, x0.5) | 4.00 (1e-05, 1e-06) | 8.00 (1e-5, 1e-6, x2.0) | x0.5\n")
+    rows = parse_table(text)
+    assert [r.name for r in rows] == ["convex/AL vs Clarabel", "convex/AL vs SCS", "convex/AL vs Clarabel",
+                                      "convex/AL vs SCS", "convex/AL vs pyscnn"]
+    assert rows[0].ours_ms == pytest.approx(257210) and rows[0].baseline_ms == pytest.approx(1250)
+    assert rows[4].ratio == pytest.approx(0.5) and rows[2].shape == "n=100 k=10 P=50"

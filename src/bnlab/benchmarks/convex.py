@@ -1,14 +1,22 @@
 """The convex solver against CVXPY / pyscnn: delegated to the convex engineer's
-``bench/bench_convex.py`` (imported by path, never copied). Its function is looked up by name
-(``bench_convex``, ``run_benchmarks``, ``run``, ``benchmark``) and called with ``quick=`` (and
-``device=`` when it accepts it); rows it returns (mappings with ``name``, ``ours_ms``,
-``baseline_ms`` and optionally ``shape``, ``dtype``, ``baseline``) become results."""
+``bench/bench_convex.py`` (imported by path, never copied).
+
+If that module defines a row-returning function (``bench_convex``, ``run_benchmarks``, ``run``,
+``benchmark``; called with ``quick=`` and ``device=`` when accepted, returning mappings with
+``name``, ``ours_ms``, ``baseline_ms``), its rows are used. Otherwise its ``main(argv)`` is run with
+stdout captured and the table it prints (``n, k, P | Clarabel s | SCS s (...) | bnlab AL s (...) |
+pyscnn ...``) is parsed into rows: bnlab AL against Clarabel and against SCS (CVXPY backends).
+Skipped in ``--quick``: its quick case alone takes minutes on a loaded 2-core CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import io
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -16,9 +24,11 @@ import torch
 
 from .timing import Result, Settings, Skip
 
-__all__ = ["run", "find_bench_script"]
+__all__ = ["run", "find_bench_script", "parse_table"]
 
 _FUNCS = ("bench_convex", "run_benchmarks", "run", "benchmark")
+_NUM = r"([0-9.eE+-]+)"
+_LINE = re.compile(rf"^\s*(\d+),\s*(\d+),\s*(\d+)\s*\|\s*{_NUM}\s*\|\s*{_NUM}[^|]*\|\s*{_NUM}[^|]*\|\s*([^|]*)")
 
 
 def find_bench_script() -> Path | None:
@@ -28,10 +38,27 @@ def find_bench_script() -> Path | None:
     return p if p.is_file() else None
 
 
-def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Result]:
-    path = find_bench_script()
-    if path is None:
-        raise Skip("not available: bench/bench_convex.py (convex engineer) has not landed")
+def parse_table(text: str, device: str = "cpu") -> list[Result]:
+    """Rows of ``bench_convex.main``'s printed table (times in seconds) as results in ms."""
+    rows: list[Result] = []
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        n, k, p = (int(v) for v in m.group(1, 2, 3))
+        t_cl, t_scs, t_al = (float(v) * 1e3 for v in m.group(4, 5, 6))
+        shape = f"n={n} k={k} P={p}"
+        rows.append(Result("convex/AL vs Clarabel", t_al, t_cl, shape, "float64", device,
+                           baseline="CVXPY+Clarabel (reference optimum)"))
+        rows.append(Result("convex/AL vs SCS", t_al, t_scs, shape, "float64", device, baseline="CVXPY+SCS"))
+        ps = re.match(rf"\s*{_NUM}\s*\(", m.group(7))
+        if ps:
+            rows.append(Result("convex/AL vs pyscnn", t_al, float(ps.group(1)) * 1e3, shape, "float64", device,
+                               baseline="pyscnn AL"))
+    return rows
+
+
+def _load(path: Path):
     spec = importlib.util.spec_from_file_location("_bnlab_bench_convex", path)
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -39,21 +66,38 @@ def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Resul
         spec.loader.exec_module(mod)
     except Exception as e:  # its dependencies (cvxpy, pyscnn) may be missing
         raise Skip(f"not available: importing {path} failed ({type(e).__name__}: {e})") from e
+    return mod
+
+
+def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Result]:
+    path = find_bench_script()
+    if path is None:
+        raise Skip("not available: bench/bench_convex.py (convex engineer) has not landed")
+    if quick:
+        raise Skip("skipped in --quick: bench/bench_convex.py --quick alone takes minutes here "
+                   "(run `python bench/bench_convex.py --quick` or `bnlab bench --only convex`)")
+    mod = _load(path)
     fn = next((getattr(mod, n) for n in _FUNCS if callable(getattr(mod, n, None))), None)
-    if fn is None:
-        raise Skip(f"not available: {path} defines none of {_FUNCS}")
-    params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in (("quick", quick), ("device", device.type)) if k in params}
-    rows = fn(**kwargs)
-    if rows is None:
-        raise Skip(f"{path}:{fn.__name__} printed its own table and returned no rows")
-    for row in rows:
-        if isinstance(row, Result):
-            yield row
-            continue
-        if not isinstance(row, Mapping):
-            raise Skip(f"{path}:{fn.__name__} returned {type(row).__name__} rows; expected mappings")
-        yield Result(f"convex/{row.get('name', '?')}", float(row.get("ours_ms", math.nan)),
-                     float(row.get("baseline_ms", math.nan)), str(row.get("shape", "")),
-                     str(row.get("dtype", "float64")), str(row.get("device", device.type)),
-                     baseline=str(row.get("baseline", "CVXPY")))
+    if fn is not None:
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in (("quick", quick), ("device", device.type)) if k in params}
+        for row in fn(**kwargs) or []:
+            if isinstance(row, Result):
+                yield row
+            elif isinstance(row, Mapping):
+                yield Result(f"convex/{row.get('name', '?')}", float(row.get("ours_ms", math.nan)),
+                             float(row.get("baseline_ms", math.nan)), str(row.get("shape", "")),
+                             str(row.get("dtype", "float64")), str(row.get("device", device.type)),
+                             baseline=str(row.get("baseline", "CVXPY")))
+        return
+    if not callable(getattr(mod, "main", None)):
+        raise Skip(f"not available: {path} defines neither {_FUNCS} nor main()")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        mod.main([])
+    text = buf.getvalue()
+    print("  " + text.replace("\n", "\n  ").rstrip())
+    rows = parse_table(text, device.type)
+    if not rows:
+        raise Skip(f"{path}: main() printed no table rows that could be parsed")
+    yield from rows

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,16 +30,25 @@ TARGET = 1.15
 #: (norm, optimiser) pairs timed against bn + sgd.
 PAIRS = [("bn", "sgd"), ("bn", "psi-sgdm"), ("cbn", "sgd"), ("cbn", "psi-sgdm"), ("pbn", "sgd"),
          ("pbn", "gsgd")]
+#: pairs also timed with the proposed CBN forward (:mod:`.proposals`) swapped in
+PROPOSED = [("cbn", "sgd"), ("cbn", "psi-sgdm")]
 CIFAR = "/work/shared/data/cifar10.npz"
 
 
 def _step_fn(norm: str, optim: str, x: torch.Tensor, y: torch.Tensor, width: float,
-             device: torch.device) -> Callable[[], None]:
+             device: torch.device, proposed: bool = False) -> Callable[[], None]:
     from ..models import build
     from ..optim import make_optimizer
 
     torch.manual_seed(0)
     model = build("resnet20", norm=norm, width=width, input_size=x.shape[-1]).to(device).train()
+    if proposed:
+        from ..nn.cbn import CompleteBatchNorm
+        from .proposals import fast_cbn_forward
+
+        for m in model.modules():
+            if isinstance(m, CompleteBatchNorm):
+                m.forward = types.MethodType(fast_cbn_forward, m)
     if optim == "sgd":  # the registry's "sgd" is torch.optim.SGD with the default foreach choice
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
     else:
@@ -59,14 +69,15 @@ def _steps(quick: bool, device: torch.device, settings: Settings) -> Iterator[Re
     x = torch.randn(n, 3, size, size, device=device)
     y = torch.randint(0, 10, (n,), device=device)
     base = _step_fn("bn", "sgd", x, y, width, device)
-    for norm, optim in PAIRS:
+    for norm, optim, proposed in [(*p, False) for p in PAIRS] + [(*p, True) for p in PROPOSED]:
+        label = f"train/{norm}+{optim}" + (" [proposed CBN]" if proposed else "")
         try:
-            ours = _step_fn(norm, optim, x, y, width, device)
+            ours = _step_fn(norm, optim, x, y, width, device, proposed)
         except (ImportError, ValueError) as e:
-            print(f"  skip train/{norm}+{optim}: {type(e).__name__}: {e}")
+            print(f"  skip {label}: {type(e).__name__}: {e}")
             continue
         o, b = compare(ours, base, settings, device)
-        yield Result(f"train/{norm}+{optim}", o, b, f"resnet20 w{width} batch {n}x3x{size}x{size}", "float32",
+        yield Result(label, o, b, f"resnet20 w{width} batch {n}x3x{size}x{size}", "float32",
                      device.type, baseline="resnet20 bn + SGD(foreach)", target=TARGET)
 
 
