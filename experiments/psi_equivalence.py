@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
           + " | eval-mode gap at end | min direction change of A's units |")
     print("|---|---|---|" + "---|" * len(checks) + "---|---|")
     runs = [("PSI-SGD", "rescaled"), ("PSI-SGDM", "rescaled"), ("SGD", "rescaled"), ("SGDM", "rescaled"),
-            ("PSI-SGDM", "noise 1e-12"), ("SGDM", "noise 1e-12")]
+            ("PSI-SGD", "noise 1e-12"), ("PSI-SGDM", "noise 1e-12"), ("SGDM", "noise 1e-12")]
     for name, kind in runs:
         a = copy.deepcopy(base)
         b = rescale(base, units, 0.2, 5.0, seed=args.seed + 1) if kind == "rescaled" else perturb(base, 1e-12)
