@@ -285,7 +285,7 @@ def solve(prob: ConvexBNProblem, solver: str = "al", tol: float = 1e-8, max_iter
     """Dispatch: ``solver`` in {"al" (exact), "fista" (gated relaxation), "cvxpy"/"clarabel"/"scs"}."""
     s = solver.lower()
     if s in ("cvxpy", "clarabel", "scs"):
-        return solve_cvxpy(prob, "CLARABEL" if s == "cvxpy" else s.upper(), **kwargs)
+        return solve_cvxpy(prob, "CLARABEL" if s == "cvxpy" else s.upper(), tol=tol, **kwargs)
     p = _as_tensors(prob, torch.device(device), dtype)
     if s == "al":
         kwargs.setdefault("constraint_tol", tol)

@@ -33,8 +33,8 @@ def suite(quick: bool = False, data_dir: str | None = None) -> Suite:
         else:
             setups = [("cifar10 2-class", "cifar10", root / "cifar10.npz", [0, 1], 500, 1.0, (10, 30)),
                       ("fashion 2-class", "fashion_mnist", root / "fashion_mnist.npz", [0, 6], 500, 1.0, (10, 30))]
-            gd = (("adam", {"lr": 1e-2, "epochs": 100, "width": 100}),
-                  ("sgd", {"lr": 1e-3, "epochs": 100, "width": 100, "batch_size": 100}))
+            gd = (("adam", {"lr": 1e-2, "epochs": 300, "width": 100}),
+                  ("sgd", {"lr": 1e-5, "epochs": 100, "width": 100, "batch_size": 100}))
             P = 50
         rows = []
         for seed in seeds[:1] if q else seeds:
