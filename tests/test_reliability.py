@@ -136,6 +136,19 @@ def test_unwritable_run_folder_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "cannot create run folder" in err[0], err
 
 
+def test_full_disk_on_other_run_files_is_one_line(tmp_path, monkeypatch, capsys):
+    """ENOSPC outside the checkpoint writer (config.toml): an OSError, reported as one line, exit 2."""
+    from bnlab.train.config import RunConfig as RC
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(RC, "save", full)
+    assert cli_main(["train", *RUN, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "config.toml" in err[0], err
+
+
 # ------------------------------------------------------------------------------- kill -9 mid-write
 _KILLER = textwrap.dedent("""
     import os, signal, sys
