@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -66,7 +67,7 @@ class _ConvexBNBase(BaseEstimator):
         self._check_params()
         wh = whiten(X, self.k)
         self.whitening_ = wh
-        seed = 0 if self.random_state is None else int(np.random.RandomState(self.random_state).randint(2**31))
+        seed = int(check_random_state(self.random_state).randint(2**31 - 1))
         if self.solver in _NONCONVEX:
             opts = {"width": 100, "epochs": 300, "lr": 1e-2, **(self.gd_options or {})}
             Xw = wh.transform(X)[:, :-1] if self.k is not None else X
