@@ -25,6 +25,7 @@ Statistics are computed in at least float32, also under autocast with fp16/bf16 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+
+# torch flags the autograd-aware collective as deprecated in favour of the private
+# _functional_collectives; bnlab keeps the public one, whose backward (an all-reduce of the
+# gradient) the synchronised statistics rely on and which tests/test_distributed.py checks.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated", category=FutureWarning
+)
 
 __all__ = [
     "BatchStats",
