@@ -24,7 +24,7 @@ from bnlab.optim import make_optimizer
 from bnlab.optim.invariance import find_scale_invariant
 
 # no shrinking (a failure prints its example at once; shrinking can take minutes on a loaded machine)
-_COMMON = dict(deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+_COMMON = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FUZZ = settings(max_examples=20, **_COMMON)
 SMALL = settings(max_examples=12, **_COMMON)
