@@ -294,7 +294,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
             progress.loss_sum = progress.correct = progress.seen = 0.0
         log.line(f"resumed from {ckpt_path} at epoch {progress.epoch}, batch {progress.batch_in_epoch}")
     if info.is_main:
-        cfg.save(out / "config.toml")
+        cfg.save(out / "config.toml.tmp")  # atomic: a kill never leaves a truncated config.toml
+        os.replace(out / "config.toml.tmp", out / "config.toml")
         _rewrite_metrics(out / "metrics.jsonl", progress.history)
 
     train_model: nn.Module = model
