@@ -12,7 +12,7 @@ from ..train.config import RunConfig
 from . import Suite
 
 # learning rates kept by the seed-0 grid of experiments/psi_cifar.py (lowest final training loss)
-CIFAR_LR = {"SGD": 0.4, "SGDM": 0.1, "PSI-SGD": 1.0, "PSI-SGDM": 0.1}
+CIFAR_LR = {"SGD": 0.4, "SGDM": 0.1, "PSI-SGD": 0.5, "PSI-SGDM": 0.1}
 
 
 def suite(quick: bool = False, data_dir: str | None = None) -> Suite:
