@@ -21,8 +21,8 @@ def suite(quick: bool = False, data_dir: str | None = None) -> Suite:
         base.replace(name="BN + PSI-SGDM", optim="psi-sgdm"),
         base.replace(name="CBN + SGD(m)", norm="cbn"),
         base.replace(name="BN + SGD", **plain),
-        base.replace(name="G-SGD + BN", norm="pbn", optim="gsgd", model_options={"path_options": {"path_bn": False}},
-                     **plain),
+        base.replace(name="G-SGD + BN", norm="pbn", optim="gsgd",
+                     model_options={"path_options": {"path_bn": False, "init": "paper"}}, **plain),
         base.replace(name="G-SGD + Path-BN", norm="pbn", optim="gsgd", **plain),
         base.replace(name="SGD + Path-BN", norm="pbn", **plain),
     ]
