@@ -114,16 +114,14 @@ def _lipschitz(model: nn.Module, loss_fn: LossFn, batch, params: list[Tensor], s
         return 0.0, 0.0
     for s in steps:
         with torch.no_grad():
-            torch._foreach_copy_(params, w0) if hasattr(torch, "_foreach_copy_") else [
-                p.copy_(w) for p, w in zip(params, w0)]
+            torch._foreach_copy_(params, w0)
             torch._foreach_add_(params, g, alpha=-s)
         loss_s, g_s = _loss_and_grad(model, loss_fn, batch, params)
         diff = math.sqrt(float(_sq_norms(torch._foreach_sub([t.detach() for t in g_s], g)).sum()))
         best = max(best, diff / (s * gnorm))
         losses.append(float(loss_s.detach()))
     with torch.no_grad():
-        for p, w in zip(params, w0):
-            p.copy_(w)
+        torch._foreach_copy_(params, w0)
     return best, max(losses) - min(losses)
 
 
