@@ -85,11 +85,29 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+_DATA_CACHE: dict[tuple, ImageDataset] = {}
+
+
 def prepare_data(cfg: RunConfig) -> ImageDataset:
     """Load ``cfg.data`` with the configured subsets (subset choice seeded by 0, the same for all
-    seeds, so seeds differ only in initialisation and batch order)."""
-    return load(cfg.data, root=cfg.data_dir, download=cfg.download, train_subset=cfg.train_subset,
-                test_subset=cfg.test_subset, seed=0, **dict(cfg.data_options))
+    seeds, so seeds differ only in initialisation and batch order).
+
+    The last two datasets loaded in this process are kept (their tensors are never modified), so a
+    suite of runs on one dataset decompresses it once; a changed file (mtime/size) is re-read.
+    """
+    root = Path(cfg.data_dir) if cfg.data_dir else None
+    stamp = (root.stat().st_mtime_ns, root.stat().st_size) if root is not None and root.is_file() else None
+    key = (cfg.data, str(root), stamp, cfg.train_subset, cfg.test_subset,
+           json.dumps(cfg.data_options, sort_keys=True, default=str))
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]
+    ds = load(cfg.data, root=cfg.data_dir, download=cfg.download, train_subset=cfg.train_subset,
+              test_subset=cfg.test_subset, seed=0, **dict(cfg.data_options))
+    if isinstance(ds, ImageDataset):
+        while len(_DATA_CACHE) >= 2:
+            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
+        _DATA_CACHE[key] = ds
+    return ds
 
 
 def make_loaders(cfg: RunConfig, ds, info: DistInfo):
