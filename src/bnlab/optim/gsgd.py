@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +100,74 @@ def gsgd_step_block(
     return new, list(buffers), skel_buffer, v, R, clamped
 
 
+class _Layer:
+    """Cached per-layer data of the fast step: the ``H`` skeleton entries, ordered by hidden channel k
+    (rows of layer 1, input channels of layers >= 2), as an index tuple and as flat offsets into a
+    contiguous tensor; ``taps`` = elements per (row, input channel)."""
+
+    __slots__ = ("flat", "index", "taps")
+
+    def __init__(self, shape: torch.Size, role: str, device: torch.device) -> None:
+        nz = skeleton_mask(shape, role, device).nonzero()                  # (H, dim), row-major
+        nz = nz[torch.argsort(nz[:, 0 if role == "first" else 1], stable=True)]
+        self.index = tuple(nz.unbind(1))
+        strides = torch.tensor(torch.empty(shape, device="meta").stride(), device=device)
+        self.flat = (nz * strides).sum(1)
+        self.taps = math.prod(shape[2:])
+
+
+class _Prep(NamedTuple):
+    """A block's read-only step data (see ``GSGD._block_prepare``)."""
+
+    group: dict[str, Any]
+    ws: list[Tensor]
+    g0: Tensor
+    gd: list[Tensor]
+    lays: list[_Layer]
+    v: Tensor
+    R: Tensor
+    sbuf: Tensor | None
+    clamped: Tensor | None
+
+
+def _fast(*ts: Tensor | None) -> bool:
+    return all(t is None or t.is_contiguous() for t in ts)
+
+
+def _take(t: Tensor, lay: _Layer) -> Tensor:
+    """The skeleton entries of ``t`` (H,), ordered by k."""
+    return t.view(-1).index_select(0, lay.flat) if t.is_contiguous() else t[lay.index]
+
+
+def _put(t: Tensor, lay: _Layer, vals: Tensor | float) -> None:
+    """Overwrite the skeleton entries of ``t`` in place."""
+    if isinstance(vals, float):
+        vals = torch.full(lay.flat.shape, vals, dtype=t.dtype, device=t.device)
+    if t.is_contiguous():
+        t.view(-1).index_copy_(0, lay.flat, vals)
+    else:
+        t.index_put_(lay.index, vals)
+
+
+def _cols(t: Tensor, lay: _Layer, fast: bool) -> tuple[Tensor, Any]:
+    """``(view of t, f)``: ``f(vec (H,))`` broadcasts a per-input-channel vector against the view.
+    Fast (contiguous) layout: the view is ``(C_out, H * taps)`` and the vector is repeated ``taps``
+    times (a contiguous broadcast, ~5-10x faster on CPU than broadcasting ``(1, H, 1, 1)``)."""
+    if fast:
+        return t.view(t.shape[0], -1), lambda vec: vec.repeat_interleave(lay.taps) if lay.taps > 1 else vec
+    return t, lambda vec: _col(vec, t.dim())
+
+
+def _sigma_term(w: Tensor, g: Tensor, lay: _Layer) -> Tensor:
+    """``sum_{o, taps} (N * w * g)[o, k]`` (H,): the dense sum minus the skeleton term."""
+    if _fast(w, g):
+        dense = (w * g).view(w.shape[0], -1).sum(0)
+        dense = dense.view(-1, lay.taps).sum(1) if lay.taps > 1 else dense
+    else:
+        dense = (w * g).sum((0, *range(2, w.dim())))
+    return dense - _take(w, lay) * _take(g, lay)
+
+
 class GSGD(Optimizer):
     """G-SGD (see module docstring). ``params``: :func:`bnlab.path.param_groups` output: groups with
     ``roles`` (a block's weights, in order) get the path-space update; groups without are plain SGD.
@@ -128,7 +196,7 @@ class GSGD(Optimizer):
                         r_min=r_min, roles=None, block="", differentiable=False)
         super().__init__(params, defaults)
         self.check = check
-        self._masks: dict[tuple, Tensor] = {}
+        self._layers: dict[tuple, _Layer] = {}
         self._warned: set[str] = set()
         self._reset_telemetry()
         for group in self.param_groups:
@@ -154,24 +222,26 @@ class GSGD(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_masks"):
+        if hasattr(self, "_layers"):
             self._validate_group(self.param_groups[-1])
 
-    def _mask(self, p: Tensor, role: str) -> Tensor:
-        key = (tuple(p.shape), role, p.device, p.dtype)
-        if key not in self._masks:
-            self._masks[key] = skeleton_mask(p.shape, role, p.device, p.dtype)
-        return self._masks[key]
+    def _layer(self, p: Tensor, role: str) -> _Layer:
+        key = (tuple(p.shape), role, p.device)
+        if key not in self._layers:
+            self._layers[key] = _Layer(p.shape, role, p.device)
+        return self._layers[key]
 
     # -- telemetry --------------------------------------------------------------------------------
     def _reset_telemetry(self) -> None:
         self._tele: dict[str, Tensor | int] = {"steps": 0}
 
-    def _record(self, v: Tensor, R: Tensor, clamped: Tensor) -> None:
+    def _record(self, v: Tensor, R: Tensor, clamped: list[Tensor]) -> None:
+        """Accumulate (on device, no sync) the statistics of one step; ``v``, ``R``: all blocks."""
         t = self._tele
-        mins = torch.stack([v.abs().min(), R.min(), -R.max()]).detach()
+        mins = torch.stack([v.abs().min(), R.min(), -R.max()])
+        n_clamped = torch.stack(clamped).sum().to(R.dtype) if clamped else R.new_zeros(())
+        counts = torch.stack([n_clamped, (R <= 0).sum().to(R.dtype)])
         t["mins"] = mins if "mins" not in t else torch.minimum(t["mins"], mins)
-        counts = torch.stack([clamped.to(R.dtype), (R <= 0).sum().to(R.dtype)])
         t["counts"] = counts if "counts" not in t else t["counts"] + counts
 
     def telemetry(self) -> dict[str, float]:
@@ -191,29 +261,28 @@ class GSGD(Optimizer):
     # -- step --------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        """One step: plain groups by ``torch.optim.sgd.sgd``; every block first computes ``v``, ``R``
+        from the old weights (read-only), then, after the check, is updated in place."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = []
+        blocks: list[_Prep] = []
         for group in self.param_groups:
             if group["roles"] is None:
                 self._sgd_group(group)
             else:
-                upd = self._block_update(group)
-                if upd is not None:
-                    pending.append(upd)
-        if pending and self.check:
-            self._check(pending)
-        for group, new, bufs, sbuf, v, R, clamped in pending:
-            params = group["params"]
-            for p, w, b in zip(params, new, bufs):
-                p.copy_(w)
-                if b is not None:
-                    self.state[p]["momentum_buffer"] = b
-            if sbuf is not None:
-                self.state[params[0]]["skeleton_buffer"] = sbuf
-            self._record(v, R, clamped)
+                prep = self._block_prepare(group)
+                if prep is not None:
+                    blocks.append(prep)
+        if blocks:
+            v = torch.cat([b.v for b in blocks])
+            R = torch.cat([b.R for b in blocks])
+            if self.check:
+                self._check(blocks, v, R)
+            for b in blocks:
+                self._block_apply(b)
+            self._record(v, R, [b.clamped for b in blocks if b.clamped is not None])
         self._tele["steps"] = int(self._tele["steps"]) + 1
         return loss
 
@@ -234,7 +303,9 @@ class GSGD(Optimizer):
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = b
 
-    def _block_update(self, group: dict[str, Any]):
+    def _block_prepare(self, group: dict[str, Any]) -> _Prep | None:
+        """Read-only part of a block's step: ``v``, ``sigma``, the skeleton path gradient, its
+        momentum buffer and ``R`` (all (H,)); nothing is written."""
         params = group["params"]
         if all(p.grad is None for p in params):
             return None
@@ -244,28 +315,113 @@ class GSGD(Optimizer):
             raise ValueError(f"GSGD block {group['block']!r}: sparse gradients are not supported")
         if group["maximize"]:
             gs = [-g for g in gs]
-        masks = [self._mask(p, r) for p, r in zip(params, group["roles"])]
-        mom = group["momentum"]
-        bufs = [self.state[p].get("momentum_buffer") if mom != 0 else None for p in params]
-        sbuf = self.state[params[0]].get("skeleton_buffer") if mom != 0 else None
-        new, bufs, sbuf, v, R, clamped = gsgd_step_block(
-            ws, gs, masks, lr=group["lr"], weight_decay=group["weight_decay"], momentum=mom,
-            dampening=group["dampening"], nesterov=group["nesterov"], wnorm=group["wnorm"],
-            r_min=group["r_min"], buffers=bufs, skel_buffer=sbuf)
-        return group, new, bufs, sbuf, v, R, clamped
+        lays = [self._layer(p, r) for p, r in zip(params, group["roles"])]
+        v, gsk = _take(ws[0], lays[0]), _take(gs[0], lays[0])
+        sigma = _sigma_term(ws[1], gs[1], lays[1])
+        for w, g, lay in zip(ws[2:], gs[2:], lays[2:]):
+            sigma = sigma + _sigma_term(w, g, lay)
+        if group["wnorm"]:
+            wn = [w.norm(2, dim=1, keepdim=True) for w in ws]
+            i0 = lays[0].index
+            centre = wn[0][(i0[0], torch.zeros_like(i0[0]), *i0[2:])]
+            d_s = (v * gsk - sigma) / (v * centre)
+            gd = [g * n for g, n in zip(gs, wn)]
+        else:
+            d_s = gsk - sigma / v
+            gd = gs
+        mom, sbuf = group["momentum"], None
+        if mom != 0:
+            sbuf = self.state[params[0]].get("skeleton_buffer")
+            sbuf = d_s.clone() if sbuf is None else sbuf * mom + d_s * (1 - group["dampening"])
+            d_s = d_s + mom * sbuf if group["nesterov"] else sbuf
+        R = 1 - group["lr"] * d_s / v
+        clamped = None
+        if group["r_min"] is not None:
+            clamped = (R < group["r_min"]).sum()
+            R = R.clamp_min(group["r_min"])
+        return _Prep(group, ws, gs[0], gd, lays, v, R, sbuf, clamped)
 
-    def _check(self, pending) -> None:
-        flags = torch.stack([torch.stack([(~torch.isfinite(R)).any() | (v == 0).any() |
-                                          (~torch.isfinite(torch.stack([w.sum() for w in new]))).any(),
-                                          (R <= 0).any()])
-                             for _g, new, _b, _s, v, R, _c in pending]).tolist()
-        for (group, _n, _b, _s, v, R, _c), (bad, flip) in zip(pending, flags):
-            name = group["block"]
-            if bad:
-                raise FloatingPointError(
-                    f"GSGD block {name!r}: degenerate step (min |v_k| = {float(v.abs().min()):.3g}, "
-                    f"R_k in [{float(R.min()):.3g}, {float(R.max()):.3g}]); no weight was changed. "
-                    "Lower lr or set r_min")
+    def _block_apply(self, b: _Prep) -> None:
+        """In-place part: dense updates of every entry, then the skeleton entries are overwritten
+        (layer 1: ``v R``; layers >= 2: their saved constants, bit-identical) and zeroed in the
+        momentum buffers (the path gradient has no skeleton component)."""
+        group, params, state = b.group, b.group["params"], self.state
+        lr, wd, mom, damp, nest = (group[k] for k in ("lr", "weight_decay", "momentum", "dampening", "nesterov"))
+        v, R = b.v, b.R
+        if b.sbuf is not None:
+            state[params[0]]["skeleton_buffer"] = b.sbuf
+        # layer 1: U <- U - lr D (off-skeleton), U[k, k mod C_in, c] <- v_k R_k
+        w, g, lay = b.ws[0], b.gd[0], b.lays[0]
+        skel = v * R
+        if mom != 0:
+            buf = state[params[0]].get("momentum_buffer")
+            if buf is None:
+                buf = g.clone()
+                if wd:
+                    buf.add_(w, alpha=wd)
+            else:
+                buf.mul_(mom).add_(g, alpha=1 - damp)
+                if wd:
+                    buf.add_(w, alpha=wd * (1 - damp))
+            _put(buf, lay, 0.0)
+            state[params[0]]["momentum_buffer"] = buf
+        if mom == 0 or nest:
+            if wd:
+                w.mul_(1 - lr * wd)
+            w.add_(g, alpha=-lr)
+            if nest:
+                w.add_(buf, alpha=-lr * mom)
+        else:
+            w.add_(buf, alpha=-lr)
+        _put(w, lay, skel)
+        # layers >= 2: U <- (U - lr D / v_k) / R_k off-skeleton, D = g / v_k + wd U v_k (or its buffer)
+        for p, w, g, lay in zip(params[1:], b.ws[1:], b.gd[1:], b.lays[1:]):
+            keep = _take(w, lay)
+            buf = state[p].get("momentum_buffer") if mom != 0 else None
+            fast = _fast(w, g, buf)
+            wv, col = _cols(w, lay, fast)
+            gv = _cols(g, lay, fast)[0]
+            if mom != 0:
+                if buf is None:
+                    buf = g / _col(v, w.dim())
+                    if wd:
+                        buf.add_(wd * w * _col(v, w.dim()))
+                    bv = _cols(buf, lay, fast)[0]
+                else:
+                    bv = _cols(buf, lay, fast)[0]
+                    bv.mul_(mom).addcmul_(gv, col((1 - damp) / v))
+                    if wd:
+                        bv.addcmul_(wv, col(wd * (1 - damp) * v))
+                _put(buf, lay, 0.0)
+                state[p]["momentum_buffer"] = buf
+                if nest:
+                    wv.mul_(col((1 - lr * wd) / R)).addcmul_(gv, col(-lr / (v * v * R)))
+                    wv.addcmul_(bv, col(-lr * mom / (v * R)))
+                else:
+                    wv.mul_(col(1 / R)).addcmul_(bv, col(-lr / (v * R)))
+            else:
+                wv.mul_(col((1 - lr * wd) / R)).addcmul_(gv, col(-lr / (v * v * R)))
+            _put(w, lay, keep)
+
+    def _check(self, blocks: list[_Prep], v: Tensor, R: Tensor) -> None:
+        """Raise ``FloatingPointError`` (before any block weight is written) on non-finite or zero
+        ``R``, ``v == 0`` or a non-finite gradient (layer 1 by its sum; layers >= 2 reach
+        ``R`` through ``sigma``); warn once per block on ``R_k <= 0``. One host sync."""
+        g1 = torch.stack([b.g0.sum() for b in blocks]).to(R.dtype)        # non-finite iff some g is
+        todo = [b for b in blocks if b.group["block"] not in self._warned]
+        flags = torch.stack([(~torch.isfinite(R)).any() | (v == 0).any() | (R == 0).any() |
+                             (~torch.isfinite(g1)).any(), *[(b.R <= 0).any() for b in todo]]).tolist()
+        if flags[0]:
+            for b in blocks:
+                name, v, R = b.group["block"], b.v, b.R
+                if not (torch.isfinite(R).all() and (v != 0).all() and (R != 0).all() and
+                        torch.isfinite(b.g0).all()):
+                    raise FloatingPointError(
+                        f"GSGD block {name!r}: degenerate step (min |v_k| = {float(v.abs().min()):.3g}, "
+                        f"R_k in [{float(R.min()):.3g}, {float(R.max()):.3g}]); no weight was changed. "
+                        "Lower lr or set r_min")
+        for b, flip in zip(todo, flags[1:]):
+            name, v, R = b.group["block"], b.v, b.R
             if flip and name not in self._warned:
                 self._warned.add(name)
                 k = int(torch.argmin(R))
