@@ -60,6 +60,14 @@ def _rowsum(t: Tensor, out_dim: int) -> Tensor:
     return t.sum(dim=_other_dims(t, out_dim))
 
 
+def _rowsq(t: Tensor, out_dim: int) -> Tensor:
+    """Squared row norms ``||t_j||^2`` over every dim except ``out_dim`` -> (O,), in one pass (no
+    squared temporary); 1-D tensors: ``t**2``. Both step paths use it, so they agree bit for bit."""
+    if t.dim() == 1:
+        return t.square()
+    return torch.linalg.vector_norm(t, dim=_other_dims(t, out_dim)).square()
+
+
 def _bview(s: Tensor, like: Tensor, out_dim: int) -> Tensor:
     """View the per-unit vector ``s`` (O,) so it broadcasts against ``like`` along ``out_dim``."""
     shape = [1] * like.dim()
@@ -69,6 +77,100 @@ def _bview(s: Tensor, like: Tensor, out_dim: int) -> Tensor:
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
+
+
+class _FlatLayout:
+    """Cached per-group metadata of the fast path (:meth:`PSISGD._psi_step_fast`).
+
+    The group's tensors are laid out in one flat vector: weights bucketed by row length ``L`` (so
+    each bucket is an ``(R_b, L)`` row matrix of consecutive units), then all biases. ``rows`` is
+    the total number of PSI rows (units' output neurons); unit ``k`` owns rows
+    ``row_ranges[k]``; bias element ``i`` belongs to row ``bias_rows[i]``.
+    """
+
+    def __init__(self, key: tuple[Any, ...], params: list[Tensor], units: list[tuple[int, int, int]]) -> None:
+        self.key = key
+        weights = sorted(range(len(units)), key=lambda k: params[units[k][0]][0].numel())  # stable
+        self.ts: list[Tensor] = []
+        self.buckets: list[tuple[int, int, int, int]] = []  # (elem_start, elem_stop, rows, L)
+        self.row_ranges: list[tuple[int, int]] = [(0, 0)] * len(units)
+        self.units = units
+        elem = row = 0
+        for k in weights:
+            w = params[units[k][0]]
+            n_out, length = w.shape[0], w[0].numel()
+            if self.buckets and self.buckets[-1][3] == length:
+                a, _, r, _ = self.buckets[-1]
+                self.buckets[-1] = (a, elem + w.numel(), r + n_out, length)
+            else:
+                self.buckets.append((elem, elem + w.numel(), n_out, length))
+            self.ts.append(w)
+            self.row_ranges[k] = (row, row + n_out)
+            elem += w.numel()
+            row += n_out
+        self.n_w, self.rows = elem, row
+        bias_rows: list[int] = []
+        self.bias_of: list[int] = []  # unit index of each bias tensor, in layout order
+        for k in weights:
+            bi = units[k][1]
+            if bi != -1:
+                self.ts.append(params[bi])
+                self.bias_of.append(k)
+                bias_rows.extend(range(*self.row_ranges[k]))
+        dev = params[units[0][0]].device
+        self.order = weights  # unit indices in layout order
+        self.row_sizes = [params[units[k][0]].shape[0] for k in weights]
+        self.cshapes = [(-1,) + (1,) * (params[units[k][0]].dim() - 1) for k in weights]
+        pos = {k: j for j, k in enumerate(weights)}
+        self.bias_pos = [pos[k] for k in self.bias_of]
+        self.row_unit = torch.repeat_interleave(torch.arange(len(weights), device=dev),
+                                                torch.tensor(self.row_sizes, device=dev))
+        self.counts: Tensor | None = None  # renorm firings per unit (layout order)
+        self.count_views: list[Tensor] = []
+        self.bias_rows = torch.tensor(bias_rows, dtype=torch.long, device=dev) if bias_rows else None
+        self.numels = [t.numel() for t in self.ts]
+        self.total = sum(self.numels)
+        t0 = params[units[0][0]]
+        # persistent flat work buffers (fresh multi-MB allocations cost page faults every step)
+        self.theta, self.grad, self.scratch = (torch.empty(self.total, dtype=t0.dtype, device=t0.device)
+                                               for _ in range(3))
+        self.ubuf: Tensor | None = None
+        self.uviews: list[Tensor] = []
+        # lazily reduced angle telemetry: per-row running sum / max, and the number of steps
+        self.ang_sum: Tensor | None = None
+        self.ang_max: Tensor | None = None
+        self.ang_steps = 0
+
+    def rows_dot(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Per-row ``<x_j, y_j>`` (``||x_j||^2`` when ``y`` is None) of flat vectors -> (rows,).
+
+        Squares go through :func:`_rowsq`'s one-pass norm; products through the scratch buffer."""
+        parts = []
+        for a, b, r, length in self.buckets:
+            xb = x[a:b].view(r, length)
+            if y is None:
+                parts.append(torch.linalg.vector_norm(xb, dim=1).square())
+            else:
+                parts.append(torch.mul(xb, y[a:b].view(r, length), out=self.scratch[a:b].view(r, length)).sum(1))
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self.bias_rows is not None:
+            xb = x[self.n_w:]
+            out.index_add_(0, self.bias_rows, xb.square() if y is None else xb * y[self.n_w:])
+        return out
+
+    def scale_rows_(self, x: Tensor, s: Tensor) -> Tensor:
+        """``x_j *= s_j`` for every row ``j`` of the flat vector ``x`` (in place); returns ``x``."""
+        row = 0
+        for a, b, r, length in self.buckets:
+            x[a:b].view(r, length).mul_(s[row:row + r, None])
+            row += r
+        if self.bias_rows is not None:
+            x[self.n_w:].mul_(s[self.bias_rows])
+        return x
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of the flat vector shaped like the layout's tensors."""
+        return [v.view(t.shape) for v, t in zip(flat.split(self.numels), self.ts)]
 
 
 class PSISGD(Optimizer):
@@ -144,6 +246,7 @@ class PSISGD(Optimizer):
         self.track_angles = bool(track_angles)
         self._steps_done = 0
         self._bn: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
+        self._layouts: dict[int, _FlatLayout | None] = {}
         super().__init__(params, defaults)  # each group is validated in add_param_group
         if check_invariance == "off" and any(g["psi"] for g in self.param_groups):
             warnings.warn("PSISGD: check_invariance='off': parameters in PSI groups are not checked for "
@@ -276,7 +379,8 @@ class PSISGD(Optimizer):
         guard = self.check_invariance != "off" and self._steps_done < self.guard_steps
         for gi, group in enumerate(self.param_groups):
             if group["psi"]:
-                self._psi_step(gi, group, guard)
+                if not (self._use_fast and self._psi_step_fast(gi, group, guard)):
+                    self._psi_step(gi, group, guard)
             else:
                 self._sgd_step(group)
         self._steps_done += 1
@@ -303,8 +407,181 @@ class PSISGD(Optimizer):
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = b
 
+    # -- fast path ------------------------------------------------------------------------------
+    _use_fast = True  # tests switch it off to compare against the reference path
+
+    def _layout(self, gi: int, group: dict[str, Any]) -> _FlatLayout | None:
+        """The cached flat layout of PSI group ``gi``; None when the fast path does not apply
+        (mixed or low-precision dtypes, several devices, a transposed-conv unit)."""
+        params: list[Tensor] = group["params"]
+        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params) + (id(group["psi_units"]),)
+        lay = self._layouts.get(gi, False)
+        if lay is not False and (lay is None or lay.key == key):
+            return lay
+        if lay:
+            self._flush_angles(gi, lay)
+        units = [tuple(u) for u in group["psi_units"]]
+        dt, dev = params[0].dtype, params[0].device
+        ok = dt in (torch.float32, torch.float64) and all(p.dtype == dt and p.device == dev for p in params) \
+            and all(od == 0 or params[wi].dim() == 1 for wi, _, od in units)
+        lay = _FlatLayout(key, params, units) if ok else None  # type: ignore[arg-type]
+        self._layouts[gi] = lay
+        return lay
+
+    def _momentum_views(self, lay: _FlatLayout) -> list[Tensor]:
+        """The momentum buffers as views of one flat buffer (``lay.ubuf``), kept in ``self.state``.
+
+        Rebuilt (values copied) when a buffer is missing or was replaced, e.g. by ``load_state_dict``."""
+        st = self.state
+        if lay.ubuf is not None and all(st[t].get("momentum_buffer") is v for t, v in zip(lay.ts, lay.uviews)):
+            return lay.uviews
+        t0 = lay.ts[0]
+        lay.ubuf = torch.zeros(lay.total, dtype=t0.dtype, device=t0.device)
+        lay.uviews = lay.views(lay.ubuf)
+        for t, v in zip(lay.ts, lay.uviews):
+            old = st[t].get("momentum_buffer")
+            if old is not None:
+                v.copy_(old)
+            st[t]["momentum_buffer"] = v
+        return lay.uviews
+
+    def _psi_step_fast(self, gi: int, group: dict[str, Any], guard: bool) -> bool:
+        """Algorithm 1 on the group's flat layout: a few whole-group ops instead of per-tensor ones.
+
+        Same arithmetic, element by element, as :meth:`_psi_step` (paper momentum form, additive
+        retraction with the overflow guard, no transport). Returns False (nothing done) when the
+        configuration needs the reference path: the invariance check steps, ``project_grad``,
+        ``momentum_form="torch"``, ``retraction="normalize"``, ``transport="project"``, missing or
+        sparse gradients, or a layout :meth:`_layout` refuses. Host syncs: one for ``check_finite``,
+        one for the guard (skipped when ``renorm_threshold`` is None)."""
+        rho = group["momentum"]
+        if guard or group["project_grad"] or group["retraction"] != "additive" or (rho != 0 and (
+                group["momentum_form"] != "paper" or group["transport"] != "none")):
+            return False
+        lay = self._layout(gi, group)
+        if lay is None:
+            return False
+        gs = [t.grad for t in lay.ts]
+        if any(g is None or g.is_sparse for g in gs):
+            return False
+        lr = group["lr"]
+        theta = torch.cat([t.reshape(-1) for t in lay.ts], out=lay.theta)
+        grad = torch.cat([g.reshape(-1) for g in gs], out=lay.grad)  # type: ignore[union-attr]
+        if group["maximize"]:
+            grad.neg_()
+        s = lay.rows_dot(theta)  # s_j = ||w_j||^2 + b_j^2
+        if self.check_finite and bool(~(torch.isfinite(grad.sum() + s.sum()) & (s.amin() > 0))):
+            return False  # the reference path raises the precise error (or proceeds on a false alarm)
+        lam = group["psi_weight_decay"]
+        if lam != 0:
+            grad.add_(theta, alpha=lam)  # coupled L2 (spec Sec. 3.7)
+        rgrad = lay.scale_rows_(grad, s)  # Riemannian gradient ||theta||^2 G (eq. 7), in place
+        if rho != 0:
+            uviews = self._momentum_views(lay)
+            delta = lay.ubuf
+            delta.mul_(rho).add_(rgrad, alpha=-lr)  # U <- rho U - lr s G   (eq. 11)
+            dviews = uviews
+        else:
+            delta = rgrad.mul_(-lr)
+            dviews = lay.views(delta)
+        if self.track_angles:
+            self._accumulate_angles_fast(lay, theta, delta, s)
+        torch._foreach_add_(lay.ts, dviews)  # retraction R_theta(xi) = theta + xi (Prop. 3)
+        thr = group["renorm_threshold"]
+        if thr is not None:
+            nrm = lay.rows_dot(theta.add_(delta)).sqrt()  # theta now equals the updated parameters
+            fire = nrm > thr
+            if bool(fire.any()):
+                c = torch.where(fire, float(group["renorm_target"]) / nrm, torch.ones_like(nrm))
+                self._apply_renorm(gi, group, lay, c, rho != 0)
+        return True
+
+    def _apply_renorm(self, gi: int, group: dict[str, Any], lay: _FlatLayout, c: Tensor, bufs: bool) -> None:
+        """The overflow guard fired: scale weights, buffers and BN statistics of each unit by c (rows,),
+        and count the rescaled rows in ``renorm_count`` (0-d views of one per-layout counter)."""
+        cw = c.split(lay.row_sizes)  # per unit, layout order
+        cviews = [v.view(shape) for v, shape in zip(cw, lay.cshapes)] + [cw[j] for j in lay.bias_pos]
+        torch._foreach_mul_(lay.ts, cviews)
+        if bufs:
+            torch._foreach_mul_(lay.uviews, cviews)
+        params = group["params"]
+        st = self.state
+        ws = [params[lay.units[k][0]] for k in lay.order]
+        if lay.counts is None or not all(st[w].get("renorm_count") is v for w, v in zip(ws, lay.count_views)):
+            lay.counts = torch.zeros(len(ws), dtype=torch.long, device=c.device)
+            lay.count_views = list(lay.counts.unbind())
+            for w, v in zip(ws, lay.count_views):
+                if "renorm_count" in st[w]:
+                    v.copy_(st[w]["renorm_count"])
+                st[w]["renorm_count"] = v
+        lay.counts.index_add_(0, lay.row_unit, (c != 1).long())
+        rms, rvs, cm, cv = [], [], [], []
+        for v, wi in zip(cw, (lay.units[k][0] for k in lay.order)):
+            rm, rv = self._bn.get((gi, wi), (None, None))
+            if rm is not None:
+                rms.append(rm)
+                cm.append(v.to(rm.dtype))
+            if rv is not None:
+                rvs.append(rv)
+                cv.append(v.to(rv.dtype).square())
+        if rms:
+            torch._foreach_mul_(rms, cm)
+        if rvs:
+            torch._foreach_mul_(rvs, cv)
+
+    def _accumulate_angles_fast(self, lay: _FlatLayout, theta: Tensor, delta: Tensor, s: Tensor) -> None:
+        """Per-row angle of this step (as :meth:`_accumulate_angles`), kept as per-row running
+        sum/max tensors; reduced per layer only by :meth:`_flush_angles` (telemetry, state_dict)."""
+        dot = lay.rows_dot(theta, delta)
+        dd = lay.rows_dot(delta)
+        r = s.sqrt()
+        ang = torch.atan2((dd - dot.square() / s).clamp_min(0).sqrt(), r + dot / r)
+        if lay.ang_sum is None:
+            lay.ang_sum, lay.ang_max = ang, ang.clone()
+        else:
+            lay.ang_sum.add_(ang)
+            torch.maximum(lay.ang_max, ang, out=lay.ang_max)
+        lay.ang_steps += 1
+
+    def _flush_angles(self, gi: int, lay: _FlatLayout) -> None:
+        """Move a layout's per-row angle accumulators into the per-weight state (angle_sum/max/count)."""
+        if lay.ang_sum is None or lay.ang_max is None:
+            return
+        params = self.param_groups[gi]["params"]
+        for k, (wi, _, _) in enumerate(lay.units):
+            r0, r1 = lay.row_ranges[k]
+            st = self.state[params[wi]]
+            a_sum, a_max = lay.ang_sum[r0:r1].sum(), lay.ang_max[r0:r1].max()
+            if "angle_sum" not in st:
+                st["angle_sum"] = torch.zeros((), dtype=a_sum.dtype, device=a_sum.device)
+                st["angle_max"] = torch.zeros((), dtype=a_sum.dtype, device=a_sum.device)
+                st["angle_count"] = torch.zeros((), dtype=a_sum.dtype, device=a_sum.device)
+            st["angle_sum"] += a_sum
+            st["angle_max"] = torch.maximum(st["angle_max"], a_max)
+            st["angle_count"] += lay.ang_steps * (r1 - r0)
+        lay.ang_sum = lay.ang_max = None
+        lay.ang_steps = 0
+
+    def _flush_all_angles(self) -> None:
+        for gi, lay in list(self._layouts.items()):
+            if lay is not None and gi < len(self.param_groups):
+                self._flush_angles(gi, lay)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict`` after reducing the fast path's pending angle telemetry."""
+        self._flush_all_angles()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``; drops cached layouts (buffers are re-viewed on the next step)."""
+        self._layouts = {}
+        super().load_state_dict(state_dict)
+
     def _psi_step(self, gi: int, group: dict[str, Any], guard: bool) -> None:
-        """Algorithm 1 for every unit of the group; vectorised over units, foreach over tensors."""
+        """Algorithm 1 for every unit of the group; vectorised over units, foreach over tensors.
+
+        The general (reference) path: every option, any dtype/layout. :meth:`_psi_step_fast` handles
+        the common configurations with identical results and falls back here otherwise."""
         params: list[Tensor] = group["params"]
         lr, rho = group["lr"], group["momentum"]
         # flat lists over the tensors of the group (weights and biases); each tensor knows its unit slot
@@ -333,7 +610,7 @@ class PSISGD(Optimizer):
         if group["maximize"]:
             gs = torch._foreach_neg(gs)
         # per-unit squared norms s_j = ||w_j||^2 + b_j^2, in fp32 or better
-        sq = [_rowsum(t.to(_acc_dtype(t)).square(), d) for t, d in zip(ts, dims)]
+        sq = [_rowsq(t.to(_acc_dtype(t)), d) for t, d in zip(ts, dims)]
         s = self._unit_sum(sq, owner, len(units))
         svec = [s[k] for k in owner]
         if self.check_finite:
@@ -390,7 +667,7 @@ class PSISGD(Optimizer):
                 if rv is not None:
                     rv.mul_(c[k].to(rv.dtype).square())
         if bufs and group["transport"] == "project":
-            s_new = self._unit_sum([_rowsum(t.to(_acc_dtype(t)).square(), d) for t, d in zip(ts, dims)],
+            s_new = self._unit_sum([_rowsq(t.to(_acc_dtype(t)), d) for t, d in zip(ts, dims)],
                                    owner, len(units))
             dot = self._unit_sum([_rowsum((t * b).to(_acc_dtype(t)), d) for t, b, d in zip(ts, bufs, dims)],
                                  owner, len(units))
@@ -399,6 +676,8 @@ class PSISGD(Optimizer):
 
     @staticmethod
     def _unit_sum(parts: list[Tensor], owner: list[int], n: int) -> list[Tensor]:
+        if len(parts) == n:  # every tensor is its own unit (owner == range(n))
+            return list(parts)
         out: list[Tensor | None] = [None] * n
         for k, v in zip(owner, parts):
             out[k] = v if out[k] is None else out[k] + v
@@ -412,7 +691,7 @@ class PSISGD(Optimizer):
         thr = group["renorm_threshold"]
         if not normalize and thr is None:
             return None
-        n2 = self._unit_sum([_rowsum(t.to(_acc_dtype(t)).square(), d) for t, d in zip(ts, dims)], owner, n)
+        n2 = self._unit_sum([_rowsq(t.to(_acc_dtype(t)), d) for t, d in zip(ts, dims)], owner, n)
         if normalize:
             return [torch.sqrt(a / b) for a, b in zip(s, n2)]
         tgt = float(group["renorm_target"])
@@ -429,7 +708,7 @@ class PSISGD(Optimizer):
         n = len(units)
         dot = self._unit_sum([_rowsum((t * d_).to(_acc_dtype(t)), d) for t, d_, d in zip(ts, delta, dims)],
                              owner, n)
-        dd = self._unit_sum([_rowsum(d_.to(_acc_dtype(d_)).square(), d) for d_, d in zip(delta, dims)],
+        dd = self._unit_sum([_rowsq(d_.to(_acc_dtype(d_)), d) for d_, d in zip(delta, dims)],
                             owner, n)
         params = group["params"]
         for k, (wi, _, _) in enumerate(units):
@@ -477,7 +756,7 @@ class PSISGD(Optimizer):
                gs: list[Tensor], dims: list[int], owner: list[int], s: list[Tensor],
                dot: list[Tensor]) -> None:
         """AdamP's orthogonality test per unit: flag ``|cos(theta_j, g_j)| > 0.1/sqrt(d_j)``."""
-        g2 = self._unit_sum([_rowsum(g.to(_acc_dtype(g)).square(), d) for g, d in zip(gs, dims)], owner,
+        g2 = self._unit_sum([_rowsq(g.to(_acc_dtype(g)), d) for g, d in zip(gs, dims)], owner,
                             len(units))
         length = [0] * len(units)
         for k, t, d in zip(owner, ts, dims):
@@ -504,6 +783,7 @@ class PSISGD(Optimizer):
     def telemetry(self, reset: bool = True) -> dict[str, float]:
         """Floats for the trainer's per-epoch log: mean/max angular step (rad) since the last call,
         representative-norm summary and guard firings, overall and per PSI layer."""
+        self._flush_all_angles()
         out: dict[str, float] = {}
         all_norms: list[Tensor] = []
         a_sum = a_cnt = 0.0
@@ -516,7 +796,7 @@ class PSISGD(Optimizer):
             names = group.get("psi_names") or [f"g{gi}.p{u[0]}" for u in group["psi_units"]]
             for (wi, bi, od), name in zip(group["psi_units"], names):
                 w = params[wi]
-                s = _rowsum(w.to(_acc_dtype(w)).square(), od)
+                s = _rowsq(w.to(_acc_dtype(w)), od)
                 if bi != -1:
                     s = s + params[bi].to(s.dtype).square()
                 nrm = s.sqrt()
@@ -618,7 +898,7 @@ def psi_param_groups(
 
 # -- trainer registry ---------------------------------------------------------------------------
 _PSI_KEYS = ("momentum_form", "retraction", "renorm_threshold", "renorm_target", "transport", "project_grad",
-             "check_invariance", "guard_steps", "check_finite", "track_angles")
+             "check_invariance", "guard_steps", "check_finite", "track_angles", "foreach")
 
 
 def _builder(kind: str) -> Callable[..., PSISGD]:
@@ -629,6 +909,7 @@ def _builder(kind: str) -> Callable[..., PSISGD]:
         psi_wd = float(opts.pop("psi_weight_decay", 0.0))
         mode = opts.pop("mode", "auto")
         kwargs = {k: opts.pop(k) for k in _PSI_KEYS if k in opts}
+        kwargs.setdefault("foreach", True)  # Euclidean groups: like torch.optim.SGD(foreach=True)
         if opts:
             raise ValueError(f"optimizer {kind!r}: unknown option(s) {sorted(opts)}; expected psi_lr, "
                              f"psi_weight_decay, mode, {', '.join(_PSI_KEYS)}")
