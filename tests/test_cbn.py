@@ -399,3 +399,107 @@ def test_fold_model_mlp():
     torch.testing.assert_close(folded(x), net(x), rtol=1e-10, atol=1e-10)
     assert all(layer.norm.post_norm is None for layer in folded.layers)
     assert net.layers[0].norm.post_norm is not None  # the original is untouched
+
+
+# -- fused forward/backward (speed work) against the plain autograd formulation --------------
+def _reference_forward(m: CompleteBatchNorm, h: torch.Tensor) -> torch.Tensor:
+    """cbn.md Sec. 5.1 written with plain ops and autograd (the pre-fusion implementation)."""
+    shape = [1, -1] + [1] * (h.dim() - 2)
+
+    def aff(x, w, b):
+        x = x if w is None else x * w.view(shape)
+        return x if b is None else x + b.view(shape)
+
+    def moments(stats, x):
+        if stats.training or not stats.track_running_stats:
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+            if stats.training and stats.track_running_stats:
+                stats.num_batches_tracked.add_(1)
+                mom = stats.momentum if stats.momentum is not None else 1 / float(stats.num_batches_tracked)
+                n = x.numel() // x.shape[1]
+                with torch.no_grad():
+                    stats.running_mean.lerp_(mean, mom)
+                    stats.running_var.lerp_(var * n / (n - 1), mom)
+            return mean, var
+        return stats.running_mean, stats.running_var
+
+    def norm(stats, x, center, scale):
+        mean, var = moments(stats, x)
+        y = x - mean.view(shape) if center else x
+        return y * torch.rsqrt(var + stats.eps).view(shape) if scale else y
+
+    if m.post_mode == "scale_pre":
+        mean, var = moments(m.pre_norm, h)
+        t = m.act(aff(h - mean.view(shape), None, m.pre_affine_bias))
+        return aff(t * torch.rsqrt(var + m.pre_norm.eps).view(shape), m.pre_affine_weight, None)
+    x = h if m.pre_norm is None else norm(m.pre_norm, h, True, m.pre_mode == "standardize")
+    x = m.act(aff(x, m.pre_affine_weight, m.pre_affine_bias))
+    if m.post_norm is not None:
+        x = norm(m.post_norm, x, m.post_mode != "scale_post", m.post_mode != "center")
+    return aff(x, m.post_affine_weight, m.post_affine_bias)
+
+
+CASES = [(p, {}) for p in PRESETS] + [
+    ("split_post", {"post_affine": True}), ("split_pre", {"pre_affine": False}),
+    ("post_center", {"post_affine": True}), ("split_post", {"pre_affine": False}),
+    ("decoupled", {"pre_affine": False}),
+]
+
+
+@pytest.mark.parametrize("preset, overrides", CASES)
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("bn_kw", [{}, {"momentum": None}, {"track_running_stats": False}])
+def test_forward_backward_buffers_equal_reference(preset, overrides, act, bn_kw):
+    torch.manual_seed(0)
+    m = CompleteBatchNorm(4, act, preset, **bn_kw, **overrides).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(-1.5, 1.5)  # signs of gamma included
+    ref = copy.deepcopy(m)
+    for step, training in enumerate((True, True, False)):
+        m.train(training)
+        ref.train(training)
+        x = (torch.randn(6, 4, 3, 3, dtype=torch.float64) * 2 + 0.3 * step).requires_grad_(True)
+        y, yr = m(x), _reference_forward(ref, x)
+        torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(y)
+        ga = torch.autograd.grad(y, [x, *m.parameters()], g)
+        gb = torch.autograd.grad(yr, [x, *ref.parameters()], g)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        for (k, a), (_, b) in zip(m.state_dict().items(), ref.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("preset, overrides", [("split_pre", {}), ("split_post", {"post_affine": True}),
+                                               ("post_center", {"post_affine": True})])
+def test_fused_functions_gradcheck_and_double_backward(preset, overrides):
+    """First derivatives of the closed-form backward, and second derivatives (Hessian-vector
+    products, create_graph=True), checked against finite differences in float64 with ReLU."""
+    m = CompleteBatchNorm(2, "relu", preset, track_running_stats=False, **overrides).double()
+    _randomize(m)
+    x = torch.randn(4, 2, 2, 2, dtype=torch.double, requires_grad=True)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+
+    ps = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
+    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(f, (x, *ps), eps=1e-6, atol=1e-4)
+
+
+def test_fused_paths_float32_close_to_float64():
+    torch.manual_seed(1)
+    for preset in ("split_pre", "split_post", "post_center"):
+        m = CompleteBatchNorm(8, "relu", preset)
+        _randomize(m)
+        md = copy.deepcopy(m).double()
+        x = torch.randn(16, 8, 5, 5, requires_grad=True)
+        xd = x.detach().double().requires_grad_(True)
+        y, yd = m(x), md(xd)
+        torch.testing.assert_close(y.double(), yd, rtol=1e-4, atol=1e-5)
+        g = torch.randn_like(y)
+        a = torch.autograd.grad(y, x, g)[0]
+        b = torch.autograd.grad(yd, xd, g.double())[0]
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)

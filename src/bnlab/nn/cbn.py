@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from .activations import make_activation
 from .factory import NormFamily, register_norm
 from .norm_act import Affine, BatchNormAct
-from .stats import BatchStats, batch_moments, check_batch_size, stats_dtype, world_size
+from .stats import BatchStats, batch_moments, channel_affine, check_batch_size, reduce_dims, stats_dtype, world_size
 
-__all__ = ["CompleteBatchNorm", "CBNFamily", "PRESETS", "DEFAULT_PRESET", "preset_names"]
+__all__ = ["CompleteBatchNorm", "CBNFamily", "PRESETS", "DEFAULT_PRESET", "preset_names", "update_running_stats"]
 
 PRE_NORMS = ("none", "standardize", "center")
 POST_NORMS = ("none", "standardize", "center", "scale_post", "scale_pre")
@@ -68,6 +68,163 @@ def _shape(x: Tensor) -> list[int]:
     s = [1] * x.dim()
     s[1] = x.shape[1]
     return s
+
+
+def update_running_stats(stats: BatchStats, mean: Tensor, var_biased: Tensor, count: int) -> None:
+    """Fold batch moments (C,) of ``count`` values per channel into ``stats``' running buffers with
+    the ``torch.nn.BatchNorm`` rule (the one place this module touches ``BatchStats`` internals)."""
+    stats._update_running(mean.detach(), var_biased.detach(), count)
+
+
+# -- fused autograd Functions (batch statistics, fp32/fp64, one process) ------------------------
+# Each returns (y, mean, var_biased); mean/var are non-differentiable outputs for the running
+# buffers. backward() uses closed-form gradients in a few full-tensor passes; under
+# create_graph=True (double backward, e.g. Hessian-vector products) it re-runs the plain autograd
+# reference ``_ref`` instead, so higher derivatives stay exact.
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _view(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """(C,) -> broadcastable against x (N, C, *)."""
+    return None if t is None else t.view(_shape(x))
+
+
+def _sums(g: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(sum(g * (x - mean)), sum(g))`` in one pass over g and x (the BN
+    inference-mode backward kernel with running mean ``mean``, variance 1, eps 0)."""
+    ones = torch.ones_like(mean)
+    _, sxm, sg = torch.ops.aten.native_batch_norm_backward(
+        g, x, None, mean, ones, None, None, False, 0.0, [False, True, True])
+    return sxm, sg
+
+
+def _grads_by_autograd(ctx: Any, ref: Any, dy: Tensor, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Gradients of ``ref(*inputs)`` by autograd, with a graph (double backward)."""
+    with torch.enable_grad():
+        live = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and ctx.needs_input_grad[i]]
+        y = ref(*inputs)
+        gs = torch.autograd.grad(y, [inputs[i] for i in live], dy, create_graph=True, allow_unused=True)
+    out: list[Any] = [None] * len(inputs)
+    for i, g in zip(live, gs):
+        out[i] = g
+    return tuple(out)
+
+
+class _Center(torch.autograd.Function):
+    """``y = (x - mu_B(x)) * w + b`` (centring only; w, b (C,) or None). Forward: a var_mean pass
+    and one fused affine. Backward: ``dx = w * (dy - mean(dy))``, ``dw = sum(dy * (x - mu))``,
+    ``db = sum(dy)``: one reduction pass and one affine pass."""
+
+    @staticmethod
+    def _ref(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        y = x - x.mean(reduce_dims(x), keepdim=True)
+        y = y if w is None else y * _view(w, x)
+        return y if b is None else y + _view(b, x)
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+        shift = -mean if w is None else -mean * w
+        y = channel_affine(x, w, shift if b is None else shift + b)
+        ctx.save_for_backward(x, w, b, mean)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _m: Any, _v: Any) -> tuple[Any, ...]:
+        x, w, b, mean = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _grads_by_autograd(ctx, _Center._ref, dy, (x, w, b))
+        sxm, sg = _sums(dy, x, mean)
+        n = x.numel() // x.shape[1]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = channel_affine(dy, w, -sg / n if w is None else -w * sg / n)
+        return dx, sxm if w is not None else None, sg if b is not None else None
+
+
+class _ScaleStd(torch.autograd.Function):
+    """``y = x / sqrt(sigma_B^2(x) + eps) * w + b`` (scale only, no centring; split_post's
+    post-norm). Forward: var_mean + one fused affine. Backward with ``r = rstd``, ``s = r * w``:
+    ``dx = s * dy + k * (x - mu)``, ``k = -r^3 * w * sum(dy * x) / N`` (the variance path),
+    ``dw = r * sum(dy * x)``, ``db = sum(dy)``: one reduction pass and two elementwise passes."""
+
+    @staticmethod
+    def _ref(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+        var = x.var(reduce_dims(x), correction=0, keepdim=True)
+        y = x * torch.rsqrt(var + eps)
+        y = y if w is None else y * _view(w, x)
+        return y if b is None else y + _view(b, x)
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
+        rstd = torch.rsqrt(var + eps)
+        y = channel_affine(x, rstd if w is None else rstd * w, b)
+        ctx.save_for_backward(x, w, b, mean, rstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _m: Any, _v: Any) -> tuple[Any, ...]:
+        x, w, b, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _grads_by_autograd(ctx, _ScaleStd._ref, dy, (x, w, b, ctx.eps)) + (None,)
+        sxm, sg = _sums(dy, x, mean)
+        sdx = sxm + mean * sg  # sum(dy * x)
+        n = x.numel() // x.shape[1]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            s = rstd if w is None else rstd * w
+            k = -rstd.pow(3) * (sdx if w is None else w * sdx) / n
+            dx = channel_affine(dy, s, -k * mean).addcmul_(x, k.view(_shape(x)))
+        dw = rstd * sdx if w is not None else None
+        return dx, dw, sg if b is not None else None, None
+
+
+class _SplitPreReLU(torch.autograd.Function):
+    """split_pre with ReLU: ``y = gamma * rstd(h) * relu(h - mu(h) + beta)`` (gamma, beta (C,) or
+    None). Forward: var_mean, then affine, in-place ReLU, affine (r = relu(.) saved). Backward with
+    ``G = dy * [r > 0]``, ``s = gamma * rstd``, ``A = sum(G)``, ``B = sum(G * r)``:
+    ``dh = s * (G - A / N) + k * (h - mu)``, ``k = -rstd^3 * gamma * B / N``, ``dgamma = rstd * B``,
+    ``dbeta = s * A``: four passes."""
+
+    @staticmethod
+    def _ref(h: Tensor, g: Tensor | None, be: Tensor | None, eps: float) -> Tensor:
+        var, mean = torch.var_mean(h, dim=reduce_dims(h), correction=0, keepdim=True)
+        t = h - mean if be is None else h - mean + _view(be, h)
+        y = torch.relu(t) * torch.rsqrt(var + eps)
+        return y if g is None else y * _view(g, h)
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, g: Tensor | None, be: Tensor | None, eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        var, mean = torch.var_mean(h, dim=reduce_dims(h), correction=0)
+        rstd = torch.rsqrt(var + eps)
+        r = torch.relu_(channel_affine(h, None, -mean if be is None else be - mean))
+        y = channel_affine(r, rstd if g is None else rstd * g, None)
+        ctx.save_for_backward(h, g, be, r, mean, rstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _m: Any, _v: Any) -> tuple[Any, ...]:
+        h, g, be, r, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _grads_by_autograd(ctx, _SplitPreReLU._ref, dy, (h, g, be, ctx.eps)) + (None,)
+        gm = torch.ops.aten.threshold_backward(dy, r, 0)
+        b_sum, a_sum = _sums(gm, r, torch.zeros_like(mean))
+        n = h.numel() // h.shape[1]
+        s = rstd if g is None else rstd * g
+        dh = None
+        if ctx.needs_input_grad[0]:
+            k = -rstd.pow(3) * (b_sum if g is None else g * b_sum) / n
+            dh = channel_affine(gm, s, -s * a_sum / n - k * mean).addcmul_(h, k.view(_shape(h)))
+        dg = rstd * b_sum if g is not None else None
+        return dh, dg, s * a_sum if be is not None else None, None
 
 
 class CompleteBatchNorm(nn.Module):
@@ -152,6 +309,24 @@ class CompleteBatchNorm(nn.Module):
                 f"got input of shape {list(x.shape)}"
             )
 
+    @staticmethod
+    def _fast(stats: BatchStats, x: Tensor) -> bool:
+        """True when ``stats`` normalises ``x`` with its own batch moments, unsynchronised, in
+        x's dtype (fp32/fp64): the case the fused autograd Functions below implement."""
+        return ((stats.training or not stats.track_running_stats) and x.dtype in _FAST_DTYPES
+                and not (stats.sync_stats and world_size(stats.process_group) > 1))
+
+    @staticmethod
+    def _batch_fn(fn: type[torch.autograd.Function], stats: BatchStats, x: Tensor, *args: Any) -> Tensor:
+        """Run a fused Function on batch moments of ``x`` and update ``stats``' running buffers."""
+        if stats.training:
+            check_batch_size(x)
+        y, mean, var = fn.apply(x, *args)
+        if stats.training and stats.track_running_stats:
+            stats.num_batches_tracked.add_(1)
+            update_running_stats(stats, mean, var, x.numel() // x.shape[1])
+        return y
+
     def _scale_moments(self, stats: BatchStats, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, biased var) of ``x`` per channel: batch moments (updating ``stats``' buffers
         with the BN rule) in training or without running stats; the running buffers in eval."""
@@ -162,41 +337,55 @@ class CompleteBatchNorm(nn.Module):
             mean, var, count = batch_moments(x, sync=sync, process_group=stats.process_group)
             if stats.training and stats.track_running_stats:
                 stats.num_batches_tracked.add_(1)
-                stats._update_running(mean.detach(), var.detach(), count)
+                update_running_stats(stats, mean.detach(), var.detach(), count)
             return mean, var
         acc = stats_dtype(x.dtype)
         return stats.running_mean.to(acc), stats.running_var.to(acc)
 
-    @staticmethod
-    def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        shape = _shape(x)
-        if weight is not None:
-            x = x * weight.to(x.dtype).view(shape)
-        if bias is not None:
-            x = x + bias.to(x.dtype).view(shape)
-        return x
-
     # -- forward --------------------------------------------------------------------------
     def forward(self, h: Tensor) -> Tensor:
         self._check_input(h)
+        relu = type(self.act) is nn.ReLU
         if self.post_mode == "scale_pre":  # split_pre: gamma / sigma_B(h) * phi(h - mu_B(h) + beta)
-            stats = self.pre_norm
-            mean, var = self._scale_moments(stats, h)
-            acc = stats_dtype(h.dtype)
-            shape = _shape(h)
-            t = h.to(acc) - mean.view(shape)
-            t = self.act(self._affine(t, None, self.pre_affine_bias))
-            t = t * torch.rsqrt(var + stats.eps).view(shape)
-            return self._affine(t, self.pre_affine_weight, None).to(h.dtype)
-        x = h if self.pre_norm is None else self.pre_norm(h)
-        x = self.act(self._affine(x, self.pre_affine_weight, self.pre_affine_bias))
+            if relu and self._fast(self.pre_norm, h):
+                return self._batch_fn(_SplitPreReLU, self.pre_norm, h, self.pre_affine_weight,
+                                      self.pre_affine_bias, self.pre_norm.eps)
+            return self._split_pre(h, relu)
+        w, b = self.pre_affine_weight, self.pre_affine_bias
+        if self.pre_mode == "center" and self._fast(self.pre_norm, h):
+            x = self._batch_fn(_Center, self.pre_norm, h, w, b)
+        elif self.pre_norm is not None:
+            x = self.pre_norm.standardize(h, w, b)
+        else:
+            x = channel_affine(h, w, b)
+        x = torch.relu_(x) if (relu and x is not h) else self.act(x)  # fresh tensor: in place
+        stats, w, b = self.post_norm, self.post_affine_weight, self.post_affine_bias
+        if stats is None:
+            return channel_affine(x, w, b)
+        if self.post_mode in ("center", "scale_post") and self._fast(stats, x):
+            fn = _Center if self.post_mode == "center" else _ScaleStd
+            return self._batch_fn(fn, stats, x, w, b, *((stats.eps,) if fn is _ScaleStd else ()))
         if self.post_mode == "scale_post":
-            _, var = self._scale_moments(self.post_norm, x)
+            _, var = self._scale_moments(stats, x)
             acc = stats_dtype(x.dtype)
-            x = (x.to(acc) * torch.rsqrt(var + self.post_norm.eps).view(_shape(x))).to(h.dtype)
-        elif self.post_norm is not None:
-            x = self.post_norm(x)
-        return self._affine(x, self.post_affine_weight, self.post_affine_bias)
+            scale = torch.rsqrt(var + stats.eps)
+            if w is not None:
+                scale = scale * w.to(acc)
+            return channel_affine(x.to(acc), scale, None if b is None else b.to(acc)).to(h.dtype)
+        return stats.standardize(x, w, b)
+
+    def _split_pre(self, h: Tensor, relu: bool) -> Tensor:
+        """split_pre with autograd (any activation, eval mode, half dtypes, synchronised stats)."""
+        stats = self.pre_norm
+        mean, var = self._scale_moments(stats, h)
+        acc = stats_dtype(h.dtype)
+        shift = -mean if self.pre_affine_bias is None else self.pre_affine_bias.to(acc) - mean
+        t = channel_affine(h.to(acc), None, shift)
+        t = torch.relu_(t) if relu else self.act(t)
+        scale = torch.rsqrt(var + stats.eps)
+        if self.pre_affine_weight is not None:
+            scale = scale * self.pre_affine_weight.to(acc)
+        return channel_affine(t, scale, None).to(h.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, preset={self.preset!r}, pre_norm={self.pre_mode!r}, "
