@@ -134,12 +134,26 @@ class _FlatLayout:
         # persistent flat work buffers (fresh multi-MB allocations cost page faults every step)
         self.theta, self.grad, self.scratch = (torch.empty(self.total, dtype=t0.dtype, device=t0.device)
                                                for _ in range(3))
+        self.gviews = self.views(self.grad)
         self.ubuf: Tensor | None = None
         self.uviews: list[Tensor] = []
         # lazily reduced angle telemetry: per-row running sum / max, and the number of steps
         self.ang_sum: Tensor | None = None
         self.ang_max: Tensor | None = None
         self.ang_steps = 0
+
+    @classmethod
+    def euclidean(cls, key: tuple[Any, ...], params: list[Tensor]) -> _FlatLayout:
+        """A layout of a Euclidean group: just the flat order of ``params`` and work buffers."""
+        lay = cls.__new__(cls)
+        lay.key, lay.ts = key, list(params)
+        lay.numels = [t.numel() for t in params]
+        lay.total = sum(lay.numels)
+        lay.theta, lay.grad = (torch.empty(lay.total, dtype=params[0].dtype, device=params[0].device)
+                               for _ in range(2))
+        lay.gviews = lay.views(lay.grad)
+        lay.ubuf, lay.uviews = None, []
+        return lay
 
     def rows_dot(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Per-row ``<x_j, y_j>`` (``||x_j||^2`` when ``y`` is None) of flat vectors -> (rows,).
@@ -247,6 +261,7 @@ class PSISGD(Optimizer):
         self._steps_done = 0
         self._bn: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
         self._layouts: dict[int, _FlatLayout | None] = {}
+        self._elayouts: dict[int, _FlatLayout] = {}
         super().__init__(params, defaults)  # each group is validated in add_param_group
         if check_invariance == "off" and any(g["psi"] for g in self.param_groups):
             warnings.warn("PSISGD: check_invariance='off': parameters in PSI groups are not checked for "
@@ -381,7 +396,7 @@ class PSISGD(Optimizer):
             if group["psi"]:
                 if not (self._use_fast and self._psi_step_fast(gi, group, guard)):
                     self._psi_step(gi, group, guard)
-            else:
+            elif not (self._use_fast and self._sgd_step_flat(gi, group)):
                 self._sgd_step(group)
         self._steps_done += 1
         return loss
@@ -406,6 +421,59 @@ class PSISGD(Optimizer):
         if group["momentum"] != 0:
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = b
+
+    def _sgd_step_flat(self, gi: int, group: dict[str, Any]) -> bool:
+        """``torch.optim.SGD(foreach=True)``'s update for one Euclidean group on one flat gradient
+        buffer (``_multi_tensor_sgd``'s ops, same order, elementwise identical): a handful of
+        whole-group ops and one foreach over the parameters instead of three. Momentum buffers are
+        views of one flat buffer. Returns False (nothing done) where torch's kernel is used instead:
+        ``foreach`` not True, missing/sparse grads, mixed dtypes or devices, tensor lr, buffers
+        partly initialised."""
+        params: list[Tensor] = group["params"]
+        if group["foreach"] is not True or not params or not isinstance(group["lr"], (int, float)):
+            return False
+        gs = [p.grad for p in params]
+        if any(g is None or g.is_sparse for g in gs):
+            return False
+        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params)
+        lay = self._elayouts.get(gi)
+        if lay is None or lay.key != key:
+            dt, dev = params[0].dtype, params[0].device
+            if dt not in (torch.float32, torch.float64) or any(p.dtype != dt or p.device != dev for p in params):
+                return False
+            lay = _FlatLayout.euclidean(key, params)
+            self._elayouts[gi] = lay
+        grad = torch.cat([g.reshape(-1) for g in gs], out=lay.grad)  # type: ignore[union-attr]
+        if group["maximize"]:
+            grad.neg_()
+        wd, rho = group["weight_decay"], group["momentum"]
+        if wd != 0:
+            grad.add_(torch.cat([p.reshape(-1) for p in params], out=lay.theta), alpha=wd)
+        step_views = lay.gviews
+        if rho != 0:
+            st = self.state
+            if lay.ubuf is None or not all(st[p].get("momentum_buffer") is v for p, v in zip(params, lay.uviews)):
+                have = [st[p].get("momentum_buffer") for p in params]
+                if any(h is None for h in have) and not all(h is None for h in have):
+                    return False
+                lay.ubuf = torch.empty_like(grad)
+                lay.uviews = lay.views(lay.ubuf)
+                if have[0] is None:
+                    lay.ubuf.copy_(grad)  # torch: buf = clone(grad) on the first step
+                else:
+                    for v, h in zip(lay.uviews, have):
+                        v.copy_(h)
+                    lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
+                for p, v in zip(params, lay.uviews):
+                    st[p]["momentum_buffer"] = v
+            else:
+                lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
+            if group["nesterov"]:
+                grad.add_(lay.ubuf, alpha=rho)
+            else:
+                step_views = lay.uviews
+        torch._foreach_add_(params, step_views, alpha=-group["lr"])
+        return True
 
     # -- fast path ------------------------------------------------------------------------------
     _use_fast = True  # tests switch it off to compare against the reference path
@@ -483,7 +551,7 @@ class PSISGD(Optimizer):
             dviews = uviews
         else:
             delta = rgrad.mul_(-lr)
-            dviews = lay.views(delta)
+            dviews = lay.gviews  # rgrad and delta live in lay.grad
         if self.track_angles:
             self._accumulate_angles_fast(lay, theta, delta, s)
         torch._foreach_add_(lay.ts, dviews)  # retraction R_theta(xi) = theta + xi (Prop. 3)
@@ -574,7 +642,7 @@ class PSISGD(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict``; drops cached layouts (buffers are re-viewed on the next step)."""
-        self._layouts = {}
+        self._layouts, self._elayouts = {}, {}
         super().load_state_dict(state_dict)
 
     def _psi_step(self, gi: int, group: dict[str, Any], guard: bool) -> None:
