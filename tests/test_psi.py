@@ -578,3 +578,117 @@ def test_add_param_group_is_validated():
     with pytest.raises(ValueError, match="psi_units"):
         opt.add_param_group({"params": [net.c2.weight], "psi": True})
     assert len(opt.param_groups) == 2
+
+
+# -- fast path (flat layout) vs the reference path and a plain per-unit reference ---------------
+def _run_pair(cfg: dict, steps: int = 12, norms: float | None = 0.1):
+    """The same run with the fast path and with the reference path: (nets, optimisers)."""
+    out = []
+    for fast in (True, False):
+        net = make_net()
+        if norms is not None:
+            _set_row_norms(net, norms)
+        opt = psi_opt(net, bn_stats=net, guard_steps=1, **cfg)
+        opt._use_fast = fast
+        train(net, opt, batches(steps))
+        out.append((net, opt))
+    return out
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(lr=0.1, momentum=0.9, renorm_threshold=0.12, renorm_target=0.1, e_momentum=0.9),
+    dict(lr=0.5, momentum=0.0, psi_weight_decay=0.1, maximize=True, renorm_threshold=None),
+    dict(lr=0.2, momentum=0.9, renorm_threshold=0.12, renorm_target=0.1, foreach=True, e_momentum=0.9,
+         track_angles=False),
+])
+def test_fast_path_bit_equal_to_reference_path(cfg):
+    (net_f, opt_f), (net_r, opt_r) = _run_pair(dict(cfg))
+    lay = opt_f._layouts[0]
+    assert lay is not None and 0 not in opt_r._layouts  # the fast path ran in one, not in the other
+    for (n, p), q in zip(net_f.state_dict().items(), net_r.state_dict().values()):
+        assert torch.equal(p, q), n  # weights, biases, BN running statistics
+    for p_f, p_r in zip(net_f.parameters(), net_r.parameters()):
+        sf, sr = opt_f.state[p_f], opt_r.state[p_r]
+        assert sf.keys() >= {k for k in sr if not k.startswith("angle")}
+        for k in ("momentum_buffer", "renorm_count"):
+            if k in sr:
+                assert torch.equal(sf[k], sr[k]), k
+    if "renorm_threshold" in cfg and cfg["renorm_threshold"] is not None:
+        assert sum(float(st.get("renorm_count", 0)) for st in opt_f.state.values()) > 5
+    if cfg.get("momentum", 0):
+        assert opt_f.state[net_f.c2.weight]["momentum_buffer"].data_ptr() >= lay.ubuf.data_ptr()
+    tf, tr = opt_f.telemetry(), opt_r.telemetry()
+    assert tf.keys() == tr.keys()
+    for k in tf:
+        assert tf[k] == pytest.approx(tr[k], rel=1e-10, abs=1e-14), k
+
+
+def test_fast_path_matches_plain_per_unit_reference():
+    """Algorithm 1 + guard + BN-stat rescaling written as a plain loop over layers (float64, 1e-12)."""
+    lr, rho, thr, tgt = 0.1, 0.9, 0.12, 0.1
+    net = make_net()
+    _set_row_norms(net, 0.1)
+    ref = copy.deepcopy(net)
+    opt = psi_opt(net, lr=lr, momentum=rho, renorm_threshold=thr, renorm_target=tgt, bn_stats=net, guard_steps=0)
+    psi = {getattr(ref, n).weight for n in PSI_LAYERS} | {getattr(ref, n).bias for n in PSI_LAYERS} - {None}
+    sgd = torch.optim.SGD([p for p in ref.parameters() if p not in psi], lr=0.1)
+    bufs = {n: None for n in PSI_LAYERS}
+    fired = 0
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in batches(15):
+        train(net, opt, [(x, y)])
+        ref.zero_grad()
+        loss_fn(ref(x), y).backward()
+        sgd.step()
+        with torch.no_grad():
+            for n, bn in zip(PSI_LAYERS, ("b1", "b2", "b3")):
+                m, b = getattr(ref, n), getattr(ref, bn)
+                cols = [m.weight.flatten(1)] + ([m.bias[:, None]] if m.bias is not None else [])
+                gcols = [m.weight.grad.flatten(1)] + ([m.bias.grad[:, None]] if m.bias is not None else [])
+                th, g = torch.cat(cols, 1), torch.cat(gcols, 1)
+                s = (th * th).sum(1, keepdim=True)
+                u = -lr * s * g if bufs[n] is None else rho * bufs[n] - lr * s * g
+                th = th + u
+                nrm = th.norm(dim=1, keepdim=True)
+                c = torch.where(nrm > thr, tgt / nrm, torch.ones_like(nrm))
+                fired += int((c != 1).sum())
+                th, bufs[n] = th * c, u * c
+                m.weight.copy_(th[:, :m.weight[0].numel()].view_as(m.weight))
+                if m.bias is not None:
+                    m.bias.copy_(th[:, -1])
+                b.running_mean.mul_(c[:, 0])
+                b.running_var.mul_(c[:, 0] ** 2)
+    assert opt._layouts[0] is not None and fired > 5
+    assert sum(float(st.get("renorm_count", 0)) for st in opt.state.values()) == fired
+    for (n, p), q in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+                                 dict(momentum=0.5, dampening=0.3, weight_decay=1e-2, maximize=True),
+                                 dict(momentum=0.0, weight_decay=0.0)])
+def test_flat_euclidean_step_bit_equal_to_sgd_foreach(cfg):
+    a = make_net()
+    b = copy.deepcopy(a)
+    data = batches(20)
+    train(a, torch.optim.SGD(a.parameters(), lr=0.05, foreach=True, **cfg), data)
+    opt = PSISGD(b.parameters(), lr=0.05, foreach=True, **cfg)
+    train(b, opt, data)
+    assert 0 in opt._elayouts  # the flat path ran
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_layout_rebuilt_after_load_state_dict_and_angles_survive_state_dict():
+    net = make_net()
+    opt = psi_opt(net, lr=0.1, momentum=0.9, guard_steps=0)
+    train(net, opt, batches(3))
+    sd = copy.deepcopy(opt.state_dict())  # flushes the pending per-row angle sums into the state
+    assert float(sd["state"][0]["angle_count"]) == 3 * net.c1.weight.shape[0]
+    opt.load_state_dict(sd)
+    assert not opt._layouts
+    train(net, opt, batches(2, seed=4))
+    lay = opt._layouts[0]
+    assert opt.state[net.c2.weight]["momentum_buffer"].untyped_storage().data_ptr() == \
+        lay.ubuf.untyped_storage().data_ptr()
+    assert opt.telemetry()["psi_angle_mean"] > 0
