@@ -274,3 +274,76 @@ def test_pbn_suite_configs_build():
                                  weight_decay=cfg.weight_decay, **dict(cfg.optim_options))
             assert isinstance(opt, GSGD) == (cfg.optim == "gsgd")
             assert opt.param_groups[0].get("wnorm", False) == ("wnorm" in cfg.name)
+
+
+# -- the fast in-place step equals a straightforward out-of-place reference -----------------------------
+def _ref_block_step(ws, gs, ms, *, lr, wd, mom, damp, nest, wnorm, r_min, bufs, sbuf):
+    """Masked, out-of-place G-SGD step of one block (the pre-optimisation code, kept as the reference)."""
+    col = lambda t, d: t.view(1, -1, *([1] * (d - 2)))                    # noqa: E731
+    row = lambda t, d: t.view(-1, *([1] * (d - 1)))                       # noqa: E731
+    red0 = (1, *range(2, ws[0].dim()))
+    v, gsk = (ws[0] * ms[0]).sum(red0), (gs[0] * ms[0]).sum(red0)
+    sigma = sum(((1 - m) * w * g).sum((0, *range(2, w.dim()))) for w, g, m in zip(ws[1:], gs[1:], ms[1:]))
+    wn = [w.norm(2, dim=1, keepdim=True) for w in ws] if wnorm else [1.0] * len(ws)
+    d_s = (v * gsk - sigma) / (v * (wn[0] * ms[0]).sum(red0)) if wnorm else gsk - sigma / v
+    ds = [(1 - ms[0]) * (gs[0] * wn[0] + wd * ws[0])]
+    ds += [(1 - m) * (g * n / col(v, w.dim()) + wd * w * col(v, w.dim())) for w, g, m, n in
+           zip(ws[1:], gs[1:], ms[1:], wn[1:])]
+    if mom:
+        new_bufs = [d.clone() if b is None else b * mom + d * (1 - damp) for d, b in zip([d_s, *ds], [sbuf, *bufs])]
+        steps = [d + mom * b if nest else b for d, b in zip([d_s, *ds], new_bufs)]
+        (d_s, *ds), (sbuf, *bufs) = steps, new_bufs
+    R = 1 - lr * d_s / v
+    R = R if r_min is None else R.clamp_min(r_min)
+    new = [torch.where(ms[0].bool(), ws[0] * row(R, ws[0].dim()), ws[0] - lr * ds[0])]
+    new += [torch.where(m.bool(), w, (w - lr * d / col(v, w.dim())) / col(R, w.dim()))
+            for w, d, m in zip(ws[1:], ds[1:], ms[1:])]
+    return new, bufs, sbuf
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.01), dict(momentum=0.9, weight_decay=0.01),
+                                dict(momentum=0.8, dampening=0.3, weight_decay=0.02),
+                                dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+                                dict(momentum=0.9, wnorm=True, maximize=True, r_min=0.5),
+                                dict(momentum=0.9, nesterov=True, channels_last=True)])
+def test_fast_step_equals_reference_over_steps(kw):
+    """Two blocks (a conv block with a strided 3x3 mid and 1x1 last layer, an MLP block) in float64, four
+    steps with fresh random gradients: weights and momentum buffers equal the reference to 1e-12,
+    skeleton constants of layers >= 2 bit-identical; a non-contiguous (channels_last) layout too."""
+    kw = dict(kw)
+    cl = kw.pop("channels_last", False)
+    g = torch.Generator().manual_seed(3)
+    shapes = [[(6, 3, 3, 3), (6, 6, 3, 3), (4, 6, 1, 1)], [(5, 4), (5, 5), (3, 5)]]
+    blocks = []
+    for shp in shapes:
+        roles = bpath.roles_for(len(shp))
+        ms = [bpath.skeleton_mask(s, r, dtype=DT) for s, r in zip(shp, roles)]
+        ws = [torch.randn(*s, generator=g, dtype=DT) * 0.3 for s in shp]
+        ws = [ws[0] * (1 - ms[0]) + 1.5 * ms[0]] + [w * (1 - m) + m for w, m in zip(ws[1:], ms[1:])]
+        if cl:
+            ws = [w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w for w in ws]
+        blocks.append((ws, ms, roles))
+    params = [[nn.Parameter(w.clone()) for w in ws] for ws, _, _ in blocks]
+    opt = GSGD([{"params": p, "roles": r, "block": f"b{i}"} for i, (p, (_, _, r)) in enumerate(zip(params, blocks))],
+               lr=0.05, **kw)
+    hp = dict(lr=0.05, wd=kw.get("weight_decay", 0.0), mom=kw.get("momentum", 0.0), damp=kw.get("dampening", 0.0),
+              nest=kw.get("nesterov", False), wnorm=kw.get("wnorm", False), r_min=kw.get("r_min"))
+    ref = [([w.clone() for w in ws], [None] * len(ws), None) for ws, _, _ in blocks]
+    for _ in range(4):
+        grads = [[torch.randn(w.shape, generator=g, dtype=DT) for w in ws] for ws, _, _ in blocks]
+        for p, gr in zip(params, grads):
+            for q, gg in zip(p, gr):
+                q.grad = gg.clone()
+        opt.step()
+        for i, ((ws, bufs, sbuf), (_, ms, _), gr) in enumerate(zip(ref, blocks, grads)):
+            gr = [-t for t in gr] if kw.get("maximize") else gr
+            ref[i] = _ref_block_step(ws, gr, ms, bufs=bufs, sbuf=sbuf, **hp)
+    for p, (ws, bufs, sbuf), (w0, ms, _) in zip(params, ref, blocks):
+        assert max((a - b).abs().max().item() for a, b in zip(p, ws)) < 1e-12
+        assert max((a - b).abs().max().item() for a, b in zip(p, w0)) > 1e-3              # it moved
+        for q, m, w in zip(p[1:], ms[1:], w0[1:]):
+            assert torch.equal(q.detach()[m.bool()], w[m.bool()])                       # bit-identical
+        if hp["mom"]:
+            got = [opt.state[q]["momentum_buffer"] for q in p]
+            assert max((a - b).abs().max().item() for a, b in zip(got, bufs)) < 1e-12
+            assert (opt.state[p[0]]["skeleton_buffer"] - sbuf).abs().max().item() < 1e-12
