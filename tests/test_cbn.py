@@ -503,3 +503,25 @@ def test_fused_paths_float32_close_to_float64():
         a = torch.autograd.grad(y, x, g)[0]
         b = torch.autograd.grad(yd, xd, g.double())[0]
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 3), (16, 3, 7), (8, 3, 5, 5), (4, 3, 2, 3, 3)])
+@pytest.mark.parametrize("mean_over_std", [0.0, 5.0, 25.0, 1e3])
+def test_fast_moments_match_var_mean(shape, mean_over_std):
+    """The fast CPU moments equal var_mean; ill-conditioned channels (mean^2 > 1e3 var) take
+    var_mean itself, so float32 stays within 1e-4 relative at every |mean| / std."""
+    from bnlab.nn.cbn import _moments
+
+    torch.manual_seed(2)
+    view = (1, 3, *[1] * (len(shape) - 2))
+    x = torch.randn(shape, dtype=torch.float64) * torch.tensor([1e-2, 1.0, 30.0]).view(view)
+    x = x + (torch.tensor([1e-2, -1.0, 30.0]) * mean_over_std).view(view)
+    dims = [0, *range(2, len(shape))]
+    v_ref, m_ref = torch.var_mean(x, dim=dims, correction=0)
+    v, m = _moments(x)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(m, m_ref, rtol=1e-13, atol=1e-15)
+    xf = x.float()
+    v32, m32 = _moments(xf)
+    v_ref32 = torch.var_mean(xf.double(), dim=dims, correction=0)[0]
+    torch.testing.assert_close(v32.double(), v_ref32, rtol=1e-4, atol=0)

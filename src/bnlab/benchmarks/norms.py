@@ -62,11 +62,8 @@ def _norm_modules(c: int) -> dict[str, Callable[[], nn.Module]]:
     except ImportError as e:
         print(f"  skip CompleteBatchNorm: not importable ({e})")
         return mods
-    from .proposals import proposed_cbn
-
     for preset in PRESETS:
         mods[f"cbn:{preset}"] = (lambda p=preset: CompleteBatchNorm(c, "relu", preset=p))
-        mods[f"cbn:{preset} [proposed]"] = (lambda p=preset: proposed_cbn(c, "relu", preset=p))
     return mods
 
 
