@@ -116,14 +116,19 @@ class _Layer:
         self.taps = math.prod(shape[2:])
 
 
-class _Prep(NamedTuple):
-    """A block's read-only step data (see ``GSGD._block_prepare``)."""
+_HYPER = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize", "wnorm", "r_min")
 
-    group: dict[str, Any]
-    ws: list[Tensor]
-    g0: Tensor
-    gd: list[Tensor]
-    lays: list[_Layer]
+
+class _Prep(NamedTuple):
+    """Read-only step data of blocks sharing hyper-parameters (see ``GSGD._prepare``); ``v``, ``R``,
+    ``sbuf``: the blocks' (H,) vectors concatenated, ``sizes``: their H."""
+
+    groups: list[dict[str, Any]]
+    ws: list[list[Tensor]]
+    g0: list[Tensor]
+    gd: list[list[Tensor]]
+    lays: list[list[_Layer]]
+    sizes: list[int]
     v: Tensor
     R: Tensor
     sbuf: Tensor | None
@@ -264,28 +269,27 @@ class GSGD(Optimizer):
     # -- step --------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One step: plain groups by ``torch.optim.sgd.sgd``; every block first computes ``v``, ``R``
-        from the old weights (read-only), then, after the check, is updated in place."""
+        """One step: plain groups by ``torch.optim.sgd.sgd``; blocks with equal hyper-parameters are
+        batched: ``v``, ``sigma``, ``R`` of all of them from the old weights (read-only, concatenated
+        (H,) vectors), then, after the check, every block weight is updated in place."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        blocks: list[_Prep] = []
+        batches: dict[tuple, list[dict[str, Any]]] = {}
         for group in self.param_groups:
             if group["roles"] is None:
                 self._sgd_group(group)
-            else:
-                prep = self._block_prepare(group)
-                if prep is not None:
-                    blocks.append(prep)
-        if blocks:
-            v = torch.cat([b.v for b in blocks])
-            R = torch.cat([b.R for b in blocks])
+            elif any(p.grad is not None for p in group["params"]):
+                batches.setdefault(tuple(group[k] for k in _HYPER), []).append(group)
+        preps = [self._prepare(groups) for groups in batches.values()]
+        if preps:
             if self.check:
-                self._check(blocks, v, R)
-            for b in blocks:
-                self._block_apply(b)
-            self._record(v, R, [b.clamped for b in blocks if b.clamped is not None])
+                self._check(preps)
+            for b in preps:
+                self._apply(b)
+            v, R = (torch.cat([getattr(b, n) for b in preps]) for n in ("v", "R"))
+            self._record(v, R, [b.clamped for b in preps if b.clamped is not None])
         self._tele["steps"] = int(self._tele["steps"]) + 1
         return loss
 
@@ -307,83 +311,105 @@ class GSGD(Optimizer):
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = b
 
-    def _block_prepare(self, group: dict[str, Any]) -> _Prep | None:
-        """Read-only part of a block's step: ``v``, ``sigma``, the skeleton path gradient, its
-        momentum buffer and ``R`` (all (H,)); nothing is written."""
-        params = group["params"]
-        if all(p.grad is None for p in params):
-            return None
-        ws = [p.detach() for p in params]
-        gs = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
-        if any(g.is_sparse for g in gs):
-            raise ValueError(f"GSGD block {group['block']!r}: sparse gradients are not supported")
-        if group["maximize"]:
-            gs = [-g for g in gs]
-        lays = [self._layer(p, r) for p, r in zip(params, group["roles"])]
-        v, gsk = _take(ws[0], lays[0]), _take(gs[0], lays[0])
-        sigma = _sigma_term(ws[1], gs[1], lays[1])
-        for w, g, lay in zip(ws[2:], gs[2:], lays[2:]):
-            sigma = sigma + _sigma_term(w, g, lay)
-        if group["wnorm"]:
-            wn = [w.norm(2, dim=1, keepdim=True) for w in ws]
-            i0 = lays[0].index
-            centre = wn[0][(i0[0], torch.zeros_like(i0[0]), *i0[2:])]
-            d_s = (v * gsk - sigma) / (v * centre)
-            gd = [g * n for g, n in zip(gs, wn)]
-        else:
-            d_s = gsk - sigma / v
-            gd = gs
-        mom, sbuf = group["momentum"], None
-        if mom != 0:
-            sbuf = self.state[params[0]].get("skeleton_buffer")
-            sbuf = d_s.clone() if sbuf is None else sbuf * mom + d_s * (1 - group["dampening"])
-            d_s = d_s + mom * sbuf if group["nesterov"] else sbuf
-        R = 1 - group["lr"] * d_s / v
-        clamped = None
-        if group["r_min"] is not None:
-            clamped = (R < group["r_min"]).sum()
-            R = R.clamp_min(group["r_min"])
-        return _Prep(group, ws, gs[0], gd, lays, v, R, sbuf, clamped)
-
-    def _block_apply(self, b: _Prep) -> None:
-        """In-place part: dense updates of every entry, then the skeleton entries are overwritten
-        (layer 1: ``v R``; layers >= 2: their saved constants, bit-identical) and zeroed in the
-        momentum buffers (the path gradient has no skeleton component)."""
-        group, params, state = b.group, b.group["params"], self.state
-        lr, wd, mom, damp, nest = (group[k] for k in ("lr", "weight_decay", "momentum", "dampening", "nesterov"))
-        v, R = b.v, b.R
-        if b.sbuf is not None:
-            state[params[0]]["skeleton_buffer"] = b.sbuf
-        # layer 1: U <- U - lr D (off-skeleton), U[k, k mod C_in, c] <- v_k R_k
-        w, g, lay = b.ws[0], b.gd[0], b.lays[0]
-        skel = v * R
-        if mom != 0:
-            buf = state[params[0]].get("momentum_buffer")
-            if buf is None:
-                buf = g.clone()
-                if wd:
-                    buf.add_(w, alpha=wd)
+    def _prepare(self, groups: list[dict[str, Any]]) -> _Prep:
+        """Read-only part of the step of blocks sharing hyper-parameters: per block ``v``, ``gs``
+        (skeleton entries of layer 1) and ``sigma``; then, on the concatenated (sum H,) vectors, the
+        skeleton path gradient, its momentum buffer and ``R``. Nothing is written."""
+        hp = groups[0]
+        ws, gds, g0s, lays = [], [], [], []
+        vs, gks, sigmas, centres = [], [], [], []
+        for group in groups:
+            params = group["params"]
+            w = [p.detach() for p in params]
+            g = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+            if any(t.is_sparse for t in g):
+                raise ValueError(f"GSGD block {group['block']!r}: sparse gradients are not supported")
+            if hp["maximize"]:
+                g = [-t for t in g]
+            lay = [self._layer(p, r) for p, r in zip(params, group["roles"])]
+            vs.append(_take(w[0], lay[0]))
+            gks.append(_take(g[0], lay[0]))
+            sigma = _sigma_term(w[1], g[1], lay[1])
+            for wl, gl, ll in zip(w[2:], g[2:], lay[2:]):
+                sigma = sigma + _sigma_term(wl, gl, ll)
+            sigmas.append(sigma)
+            if hp["wnorm"]:
+                wn = [t.norm(2, dim=1, keepdim=True) for t in w]
+                i0 = lay[0].index
+                centres.append(wn[0][(i0[0], torch.zeros_like(i0[0]), *i0[2:])])
+                g_d = [t * n for t, n in zip(g, wn)]
             else:
-                buf.mul_(mom).add_(g, alpha=1 - damp)
+                g_d = g
+            ws.append(w)
+            gds.append(g_d)
+            g0s.append(g[0])
+            lays.append(lay)
+        v, gsk, sigma = torch.cat(vs), torch.cat(gks), torch.cat(sigmas)
+        d_s = (v * gsk - sigma) / (v * torch.cat(centres)) if hp["wnorm"] else gsk - sigma / v
+        mom, sbuf = hp["momentum"], None
+        if mom != 0:
+            olds = [self.state[g["params"][0]].get("skeleton_buffer") for g in groups]
+            if all(s is None for s in olds):
+                sbuf = d_s.clone()
+            else:
+                old = torch.cat([d_s.new_zeros(t.shape) if s is None else s for s, t in zip(olds, vs)])
+                has = torch.cat([torch.full(t.shape, s is not None, device=v.device) for s, t in zip(olds, vs)])
+                sbuf = torch.where(has, old * mom + d_s * (1 - hp["dampening"]), d_s)
+            d_s = d_s + mom * sbuf if hp["nesterov"] else sbuf
+        R = 1 - hp["lr"] * d_s / v
+        clamped = None
+        if hp["r_min"] is not None:
+            clamped = (R < hp["r_min"]).sum()
+            R = R.clamp_min(hp["r_min"])
+        return _Prep(groups, ws, g0s, gds, lays, [t.numel() for t in vs], v, R, sbuf, clamped)
+
+    def _apply(self, b: _Prep) -> None:
+        """In-place part: dense updates of every entry (layer 1 of all blocks by ``torch._foreach_*``),
+        then the skeleton entries are overwritten (layer 1: ``v R``; layers >= 2: their saved
+        constants, bit-identical) and zeroed in the momentum buffers (the path gradient has no
+        skeleton component)."""
+        hp, state, sizes = b.groups[0], self.state, b.sizes
+        lr, wd, mom, damp, nest = (hp[k] for k in ("lr", "weight_decay", "momentum", "dampening", "nesterov"))
+        v, R = b.v, b.R
+        firsts = [g["params"][0] for g in b.groups]
+        if b.sbuf is not None:
+            for p, s in zip(firsts, b.sbuf.split(sizes)):
+                state[p]["skeleton_buffer"] = s
+        # layer 1 of every block: U <- U - lr D off-skeleton (as SGD), U[k, k mod C_in, c] <- v_k R_k
+        w1 = [w[0] for w in b.ws]
+        g1 = [g[0] for g in b.gd]
+        zeros = [t.new_zeros(n) for t, n in zip(w1, sizes)]
+        if mom != 0:
+            bufs = [state[p].get("momentum_buffer") for p in firsts]
+            old = [i for i, t in enumerate(bufs) if t is not None]
+            if old:
+                ob, og, ow = ([t[i] for i in old] for t in (bufs, g1, w1))
+                torch._foreach_mul_(ob, mom)
+                torch._foreach_add_(ob, og, alpha=1 - damp)
                 if wd:
-                    buf.add_(w, alpha=wd * (1 - damp))
-            _put(buf, lay, v.new_zeros(v.shape))
-            state[params[0]]["momentum_buffer"] = buf
+                    torch._foreach_add_(ob, ow, alpha=wd * (1 - damp))
+            for i, t in enumerate(bufs):
+                if t is None:                                  # first step: buf = d (torch.optim.SGD)
+                    bufs[i] = g1[i].clone()
+                    if wd:
+                        bufs[i].add_(w1[i], alpha=wd)
+                    state[firsts[i]]["momentum_buffer"] = bufs[i]
+            for t, lay, z in zip(bufs, b.lays, zeros):
+                _put(t, lay[0], z)
         if mom == 0 or nest:
             if wd:
-                w.mul_(1 - lr * wd)
-            w.add_(g, alpha=-lr)
+                torch._foreach_mul_(w1, 1 - lr * wd)
+            torch._foreach_add_(w1, g1, alpha=-lr)
             if nest:
-                w.add_(buf, alpha=-lr * mom)
+                torch._foreach_add_(w1, bufs, alpha=-lr * mom)
         else:
-            w.add_(buf, alpha=-lr)
-        _put(w, lay, skel)
+            torch._foreach_add_(w1, bufs, alpha=-lr)
+        for w, lay, s in zip(w1, b.lays, (v * R).split(sizes)):
+            _put(w, lay[0], s)
         # layers >= 2: U <- (U - lr D / v_k) / R_k off-skeleton, D = g / v_k + wd U v_k (or its buffer);
         # written as U <- a U + b g (+ c buf), buf <- mom buf + e g (+ f U), a..f per input channel k
         inv_v, inv_r = 1 / v, 1 / R
-        a_w = inv_r * (1 - lr * wd) if wd and (mom == 0 or nest) else inv_r     # decay outside the buffer
-        names = ["a_w"]
-        vecs = [a_w]
+        names, vecs = ["a_w"], [inv_r * (1 - lr * wd) if wd and (mom == 0 or nest) else inv_r]
         if mom == 0 or nest:
             names.append("b_g")
             vecs.append(-lr * inv_v * inv_v * inv_r)
@@ -393,60 +419,59 @@ class GSGD(Optimizer):
             if wd:
                 names.append("f_w")
                 vecs.append(wd * (1 - damp) * v)
-        stacked = torch.stack(vecs)
-        spread: dict[int, Tensor] = {}
-        zeros = v.new_zeros(v.shape)
-        for p, w, g, lay in zip(params[1:], b.ws[1:], b.gd[1:], b.lays[1:]):
-            keep = _take(w, lay)
-            buf = state[p].get("momentum_buffer") if mom != 0 else None
-            if mom != 0 and buf is None:                       # first step: buf = d (torch.optim.SGD)
-                buf = g / _col(v, w.dim())
-                if wd:
-                    buf.add_(wd * w * _col(v, w.dim()))
-                _put(buf, lay, zeros)
-                state[p]["momentum_buffer"] = buf
-                first = True
-            else:
-                first = False
-            if _fast(w, g, buf):
-                if lay.taps not in spread:
-                    spread[lay.taps] = _spread(stacked, lay.taps)
-                col = dict(zip(names, spread[lay.taps].unbind(0)))
-                wv, gv, bv = _flat2(w), _flat2(g), None if buf is None else _flat2(buf)
-            else:
-                col = {n: _col(t, w.dim()) for n, t in zip(names, vecs)}
-                wv, gv, bv = w, g, buf
-            if bv is not None and not first:
-                bv.mul_(mom).addcmul_(gv, col["e_g"])
-                if wd:
-                    bv.addcmul_(wv, col["f_w"])
-                _put(buf, lay, zeros)
-            wv.mul_(col["a_w"])
-            if "b_g" in col:
-                wv.addcmul_(gv, col["b_g"])
-            if bv is not None:
-                wv.addcmul_(bv, col["c_buf"])
-            _put(w, lay, keep)
+        stacked = torch.stack(vecs).split(sizes, dim=1)
+        for group, ws, gs, lays, vb, st, z in zip(b.groups, b.ws, b.gd, b.lays, v.split(sizes), stacked, zeros):
+            spread: dict[int, Tensor] = {}
+            for p, w, g, lay in zip(group["params"][1:], ws[1:], gs[1:], lays[1:]):
+                keep = _take(w, lay)
+                buf = state[p].get("momentum_buffer") if mom != 0 else None
+                first = mom != 0 and buf is None
+                if first:                                      # first step: buf = d (torch.optim.SGD)
+                    buf = g / _col(vb, w.dim())
+                    if wd:
+                        buf.add_(wd * w * _col(vb, w.dim()))
+                    _put(buf, lay, z)
+                    state[p]["momentum_buffer"] = buf
+                if _fast(w, g, buf):
+                    if lay.taps not in spread:
+                        spread[lay.taps] = _spread(st, lay.taps)
+                    col = dict(zip(names, spread[lay.taps].unbind(0)))
+                    wv, gv, bv = _flat2(w), _flat2(g), None if buf is None else _flat2(buf)
+                else:
+                    col = {n: _col(t, w.dim()) for n, t in zip(names, st.unbind(0))}
+                    wv, gv, bv = w, g, buf
+                if bv is not None and not first:
+                    bv.mul_(mom).addcmul_(gv, col["e_g"])
+                    if wd:
+                        bv.addcmul_(wv, col["f_w"])
+                    _put(buf, lay, z)
+                wv.mul_(col["a_w"])
+                if "b_g" in col:
+                    wv.addcmul_(gv, col["b_g"])
+                if bv is not None:
+                    wv.addcmul_(bv, col["c_buf"])
+                _put(w, lay, keep)
 
-    def _check(self, blocks: list[_Prep], v: Tensor, R: Tensor) -> None:
+    def _check(self, preps: list[_Prep]) -> None:
         """Raise ``FloatingPointError`` (before any block weight is written) on non-finite or zero
-        ``R``, ``v == 0`` or a non-finite gradient (layer 1 by its sum; layers >= 2 reach
-        ``R`` through ``sigma``); warn once per block on ``R_k <= 0``. One host sync."""
-        g1 = torch.stack([b.g0.sum() for b in blocks]).to(R.dtype)        # non-finite iff some g is
-        todo = [b for b in blocks if b.group["block"] not in self._warned]
+        ``R``, ``v == 0`` or a non-finite gradient (layer 1 by its sum; layers >= 2 reach ``R``
+        through ``sigma``); warn once per block on ``R_k <= 0``. One host sync."""
+        blocks = [(g, w[0], g0, v, R) for b in preps
+                  for g, w, g0, v, R in zip(b.groups, b.ws, b.g0, b.v.split(b.sizes), b.R.split(b.sizes))]
+        v, R = (torch.cat([getattr(b, n) for b in preps]) for n in ("v", "R"))
+        g1 = torch.stack([g0.sum() for _g, _w, g0, _v, _r in blocks]).to(R.dtype)   # non-finite iff a g is
+        todo = [blk for blk in blocks if blk[0]["block"] not in self._warned]
         flags = torch.stack([(~torch.isfinite(R)).any() | (v == 0).any() | (R == 0).any() |
-                             (~torch.isfinite(g1)).any(), *[(b.R <= 0).any() for b in todo]]).tolist()
+                             (~torch.isfinite(g1)).any(), *[(blk[4] <= 0).any() for blk in todo]]).tolist()
         if flags[0]:
-            for b in blocks:
-                name, v, R = b.group["block"], b.v, b.R
-                if not (torch.isfinite(R).all() and (v != 0).all() and (R != 0).all() and
-                        torch.isfinite(b.g0).all()):
+            for group, _w, g0, v, R in blocks:
+                if not (torch.isfinite(R).all() and (v != 0).all() and (R != 0).all() and torch.isfinite(g0).all()):
                     raise FloatingPointError(
-                        f"GSGD block {name!r}: degenerate step (min |v_k| = {float(v.abs().min()):.3g}, "
+                        f"GSGD block {group['block']!r}: degenerate step (min |v_k| = {float(v.abs().min()):.3g}, "
                         f"R_k in [{float(R.min()):.3g}, {float(R.max()):.3g}]); no weight was changed. "
                         "Lower lr or set r_min")
-        for b, flip in zip(todo, flags[1:]):
-            name, v, R = b.group["block"], b.v, b.R
+        for (group, _w, _g0, v, R), flip in zip(todo, flags[1:]):
+            name = group["block"]
             if flip and name not in self._warned:
                 self._warned.add(name)
                 k = int(torch.argmin(R))
