@@ -47,6 +47,10 @@ _CHECKS = ("raise", "warn", "off")
 # AdamP's orthogonality test (Heo et al. 2021, delta = 0.1): a unit is flagged when
 # |cos(theta_j, g_j)| > delta / sqrt(d_j).
 _GUARD_DELTA = 0.1
+# Fast path: the exact post-step norms are computed only when the triangle bound
+# ||theta|| + ||U|| exceeds (1 - margin) * renorm_threshold; the margin covers the rounding of the
+# computed norms (relative error <~ d * eps, 6e-5 for d = 1000 in float32) with room to spare.
+_GUARD_MARGIN = 1e-2
 
 
 def _other_dims(t: Tensor, out_dim: int) -> list[int]:
@@ -66,6 +70,12 @@ def _rowsq(t: Tensor, out_dim: int) -> Tensor:
     if t.dim() == 1:
         return t.square()
     return torch.linalg.vector_norm(t, dim=_other_dims(t, out_dim)).square()
+
+
+def _layout_key(params: list[Tensor]) -> tuple[Any, ...]:
+    """Cheap identity of a group's tensors for the flat-layout caches: storage addresses and shapes
+    (a replaced ``p.data``, a dtype or device change all allocate new storage)."""
+    return (id(params), len(params), [p.data_ptr() for p in params], [p.shape for p in params])
 
 
 def _bview(s: Tensor, like: Tensor, out_dim: int) -> Tensor:
@@ -134,7 +144,7 @@ class _FlatLayout:
         # persistent flat work buffers (fresh multi-MB allocations cost page faults every step)
         self.theta, self.grad, self.scratch = (torch.empty(self.total, dtype=t0.dtype, device=t0.device)
                                                for _ in range(3))
-        self.gviews = self.views(self.grad)
+        self.gviews, self.thviews = self.views(self.grad), self.views(self.theta)
         self.ubuf: Tensor | None = None
         self.uviews: list[Tensor] = []
         # lazily reduced angle telemetry: per-row running sum / max, and the number of steps
@@ -151,7 +161,7 @@ class _FlatLayout:
         lay.total = sum(lay.numels)
         lay.theta, lay.grad = (torch.empty(lay.total, dtype=params[0].dtype, device=params[0].device)
                                for _ in range(2))
-        lay.gviews = lay.views(lay.grad)
+        lay.gviews, lay.thviews = lay.views(lay.grad), lay.views(lay.theta)
         lay.ubuf, lay.uviews = None, []
         return lay
 
@@ -435,7 +445,7 @@ class PSISGD(Optimizer):
         gs = [p.grad for p in params]
         if any(g is None or g.is_sparse for g in gs):
             return False
-        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params)
+        key = _layout_key(params)
         lay = self._elayouts.get(gi)
         if lay is None or lay.key != key:
             dt, dev = params[0].dtype, params[0].device
@@ -443,12 +453,14 @@ class PSISGD(Optimizer):
                 return False
             lay = _FlatLayout.euclidean(key, params)
             self._elayouts[gi] = lay
-        grad = torch.cat([g.reshape(-1) for g in gs], out=lay.grad)  # type: ignore[union-attr]
+        torch._foreach_copy_(lay.gviews, gs)  # gather into the flat buffer, one dispatch
+        grad = lay.grad
         if group["maximize"]:
             grad.neg_()
         wd, rho = group["weight_decay"], group["momentum"]
         if wd != 0:
-            grad.add_(torch.cat([p.reshape(-1) for p in params], out=lay.theta), alpha=wd)
+            torch._foreach_copy_(lay.thviews, params)
+            grad.add_(lay.theta, alpha=wd)
         step_views = lay.gviews
         if rho != 0:
             st = self.state
@@ -482,7 +494,7 @@ class PSISGD(Optimizer):
         """The cached flat layout of PSI group ``gi``; None when the fast path does not apply
         (mixed or low-precision dtypes, several devices, a transposed-conv unit)."""
         params: list[Tensor] = group["params"]
-        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params) + (id(group["psi_units"]),)
+        key = _layout_key(params) + (id(group["psi_units"]),)
         lay = self._layouts.get(gi, False)
         if lay is not False and (lay is None or lay.key == key):
             return lay
@@ -533,8 +545,9 @@ class PSISGD(Optimizer):
         if any(g is None or g.is_sparse for g in gs):
             return False
         lr = group["lr"]
-        theta = torch.cat([t.reshape(-1) for t in lay.ts], out=lay.theta)
-        grad = torch.cat([g.reshape(-1) for g in gs], out=lay.grad)  # type: ignore[union-attr]
+        torch._foreach_copy_(lay.thviews, lay.ts)  # gather into the flat buffers, one dispatch each
+        torch._foreach_copy_(lay.gviews, gs)
+        theta, grad = lay.theta, lay.grad
         if group["maximize"]:
             grad.neg_()
         s = lay.rows_dot(theta)  # s_j = ||w_j||^2 + b_j^2
@@ -552,11 +565,15 @@ class PSISGD(Optimizer):
         else:
             delta = rgrad.mul_(-lr)
             dviews = lay.gviews  # rgrad and delta live in lay.grad
-        if self.track_angles:
-            self._accumulate_angles_fast(lay, theta, delta, s)
-        torch._foreach_add_(lay.ts, dviews)  # retraction R_theta(xi) = theta + xi (Prop. 3)
         thr = group["renorm_threshold"]
-        if thr is not None:
+        dd = lay.rows_dot(delta) if self.track_angles or thr is not None else None  # ||U_j||^2
+        if self.track_angles:
+            self._accumulate_angles_fast(lay, theta, delta, s, dd)  # type: ignore[arg-type]
+        torch._foreach_add_(lay.ts, dviews)  # retraction R_theta(xi) = theta + xi (Prop. 3)
+        # guard: ||theta_j + U_j|| <= ||theta_j|| + ||U_j||; only when that bound comes within
+        # _GUARD_MARGIN of the threshold are the new norms computed exactly (as the reference path
+        # does), so the decision and the factors are the reference path's, bit for bit.
+        if thr is not None and bool(((s.sqrt() + dd.sqrt()) > thr * (1 - _GUARD_MARGIN)).any()):  # type: ignore[union-attr]
             nrm = lay.rows_dot(theta.add_(delta)).sqrt()  # theta now equals the updated parameters
             fire = nrm > thr
             if bool(fire.any()):
@@ -597,11 +614,11 @@ class PSISGD(Optimizer):
         if rvs:
             torch._foreach_mul_(rvs, cv)
 
-    def _accumulate_angles_fast(self, lay: _FlatLayout, theta: Tensor, delta: Tensor, s: Tensor) -> None:
+    def _accumulate_angles_fast(self, lay: _FlatLayout, theta: Tensor, delta: Tensor, s: Tensor,
+                                dd: Tensor) -> None:
         """Per-row angle of this step (as :meth:`_accumulate_angles`), kept as per-row running
         sum/max tensors; reduced per layer only by :meth:`_flush_angles` (telemetry, state_dict)."""
         dot = lay.rows_dot(theta, delta)
-        dd = lay.rows_dot(delta)
         r = s.sqrt()
         ang = torch.atan2((dd - dot.square() / s).clamp_min(0).sqrt(), r + dot / r)
         if lay.ang_sum is None:
