@@ -525,3 +525,55 @@ def test_fast_moments_match_var_mean(shape, mean_over_std):
     v32, m32 = _moments(xf)
     v_ref32 = torch.var_mean(xf.double(), dim=dims, correction=0)[0]
     torch.testing.assert_close(v32.double(), v_ref32, rtol=1e-4, atol=0)
+
+
+# -- proposal for BatchStats (bnlab.benchmarks.proposals.fast_standardize) -----------------------
+@pytest.mark.parametrize("shape, bn", [((8, 3, 4, 4), nn.BatchNorm2d), ((16, 3), nn.BatchNorm1d),
+                                       ((6, 3, 5), nn.BatchNorm1d)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_proposed_fast_standardize_equals_batchnorm(shape, bn, momentum):
+    import types
+
+    from bnlab.benchmarks.proposals import fast_standardize
+
+    torch.manual_seed(3)
+    ref = bn(3, momentum=momentum).double()
+    with torch.no_grad():
+        ref.weight.uniform_(-2, 2)
+        ref.bias.normal_()
+    m = BatchStats(3, momentum=momentum).double()
+    m.load_state_dict(ref.state_dict())
+    m.forward = types.MethodType(fast_standardize, m)
+    for step, training in enumerate((True, True, False)):
+        m.train(training)
+        ref.train(training)
+        x = (torch.randn(shape, dtype=torch.float64) * 3 + step).requires_grad_(True)
+        y, yr = m(x), ref(x)
+        torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(y)
+        for a, b in zip(torch.autograd.grad(y, [x, m.weight, m.bias], g),
+                        torch.autograd.grad(yr, [x, ref.weight, ref.bias], g)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        for (k, a), (_, b) in zip(m.state_dict().items(), ref.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("preset", ["double", "decoupled", "vanilla"])
+def test_proposed_fast_standardize_double_backward_and_cbn(preset):
+    from bnlab.benchmarks.proposals import proposed_cbn
+
+    torch.manual_seed(4)
+    ref = CompleteBatchNorm(2, "tanh", preset, track_running_stats=False).double()
+    _randomize(ref)
+    m = proposed_cbn(2, "tanh", preset=preset, track_running_stats=False, fast_bn=True).double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 2, 2, dtype=torch.double, requires_grad=True)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-10, atol=1e-12)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+
+    ps = tuple(p.detach().clone().requires_grad_(True) for p in m.parameters())
+    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(f, (x, *ps), eps=1e-6, atol=1e-4)
