@@ -20,9 +20,14 @@ split_post    phi(A(h - mu_B(h))) / sigma_B(phi(.))       R3b
 post_center   phi(A(Std(h))) - mu_B(phi(.))               R5 (ablation)
 ============  ==========================================  ==================
 
-Every statistic goes through :class:`bnlab.nn.stats.BatchStats` (affine=False): PyTorch's BN kernel
-for ``standardize``, ``center_only=True`` for ``center``; the scale-only post-norms of the split
-presets use :func:`bnlab.nn.stats.batch_moments` with the same buffers and running-statistics rule.
+Every statistic lives in a :class:`bnlab.nn.stats.BatchStats` (affine=False; its buffers, running-
+statistics rule and state-dict keys). Standardisation always runs ``BatchStats.standardize`` (PyTorch's
+BN kernel) with the neighbouring affine passed *into* the kernel; a ReLU on a fresh tensor is applied
+in place. Speed path (batch statistics, fp32/fp64, unsynchronised): the centring-only and scale-only
+norms (split_pre, split_post, post_center) are closed-form autograd Functions (``_Center``,
+``_ScaleStd``, ``_SplitPreReLU``) with fast CPU moments (``_moments``); their double backward
+re-runs plain autograd. Eval mode, half dtypes and ``sync_stats`` take the plain autograd path
+(``BatchStats`` / :func:`bnlab.nn.stats.batch_moments`), numerically the same layer.
 The module also registers the ``"cbn"`` norm family (Sec. 5.2 placement) with
 :func:`bnlab.nn.factory.register_norm`.
 """
