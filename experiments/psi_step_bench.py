@@ -58,12 +58,16 @@ def main() -> None:
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--old-commit", default=None)
+    ap.add_argument("--renorm-threshold", type=float, default=1e4,
+                    help="PSI guard threshold (default: the paper's 1e4); with gradients held fixed the norms "
+                         "grow every step and the guard fires on some rows; 1e30 times the no-firing path")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = _with_grads(build(args.model, norm="bn"), torch.device("cpu"), 32)
     start = copy.deepcopy(model)
-    opt = make_optimizer("psi-sgdm", model, lr=args.lr, momentum=0.9, track_angles=bool(args.track_angles))
+    opt = make_optimizer("psi-sgdm", model, lr=args.lr, momentum=0.9, track_angles=bool(args.track_angles),
+                         renorm_threshold=args.renorm_threshold)
     _warm(model, opt, 20)
     fired = sum(float(st.get("renorm_count", 0)) for st in opt.state.values())
     base_model = copy.deepcopy(model)
@@ -74,7 +78,8 @@ def main() -> None:
     if args.old_commit:
         old_model = copy.deepcopy(start)
         old = _old_builder(args.old_commit)(old_model, lr=args.lr, momentum=0.9,
-                                            track_angles=bool(args.track_angles))
+                                            track_angles=bool(args.track_angles),
+                                            renorm_threshold=args.renorm_threshold)
         _warm(old_model, old, 20)
     print(machine_info())
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters())} params; lr {args.lr}, momentum 0.9; "
@@ -93,7 +98,9 @@ def main() -> None:
     msg = f"median ratio new {statistics.median(ratios):.2f}"
     if old_ratios:
         msg += f", old {statistics.median(old_ratios):.2f}"
-    print(msg + f" (track_angles={bool(args.track_angles)}, lr={args.lr})")
+    fired = sum(float(st.get("renorm_count", 0)) for st in opt.state.values())
+    print(msg + f" (track_angles={bool(args.track_angles)}, lr={args.lr}, renorm_threshold="
+          f"{args.renorm_threshold:g}; guard firings (rows) in all steps: {fired:.0f})")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,9 @@ class _FlatLayout:
         self.row_unit = torch.repeat_interleave(torch.arange(len(weights), device=dev),
                                                 torch.tensor(self.row_sizes, device=dev))
         self.counts: Tensor | None = None  # renorm firings per unit (layout order)
+        self.bn_src: Any = None  # the PSISGD._bn mapping the lists below were resolved from
+        self.bn_m: list[tuple[int, Tensor]] = []
+        self.bn_v: list[tuple[int, Tensor]] = []
         self.count_views: list[Tensor] = []
         self.bias_rows = torch.tensor(bias_rows, dtype=torch.long, device=dev) if bias_rows else None
         self.numels = [t.numel() for t in self.ts]
@@ -600,19 +603,19 @@ class PSISGD(Optimizer):
                     v.copy_(st[w]["renorm_count"])
                 st[w]["renorm_count"] = v
         lay.counts.index_add_(0, lay.row_unit, (c != 1).long())
-        rms, rvs, cm, cv = [], [], [], []
-        for v, wi in zip(cw, (lay.units[k][0] for k in lay.order)):
-            rm, rv = self._bn.get((gi, wi), (None, None))
-            if rm is not None:
-                rms.append(rm)
-                cm.append(v.to(rm.dtype))
-            if rv is not None:
-                rvs.append(rv)
-                cv.append(v.to(rv.dtype).square())
-        if rms:
-            torch._foreach_mul_(rms, cm)
-        if rvs:
-            torch._foreach_mul_(rvs, cv)
+        if lay.bn_src is not self._bn:  # resolve the bound BN statistics once per binding
+            lay.bn_src = self._bn
+            pairs = [self._bn.get((gi, lay.units[k][0]), (None, None)) for k in lay.order]
+            lay.bn_m = [(j, rm) for j, (rm, _) in enumerate(pairs) if rm is not None]
+            lay.bn_v = [(j, rv) for j, (_, rv) in enumerate(pairs) if rv is not None]
+        if lay.bn_m:
+            torch._foreach_mul_([rm for _, rm in lay.bn_m], [cw[j].to(rm.dtype) for j, rm in lay.bn_m])
+        if lay.bn_v:
+            if all(rv.dtype == c.dtype for _, rv in lay.bn_v):
+                c2 = c.square().split(lay.row_sizes)
+                torch._foreach_mul_([rv for _, rv in lay.bn_v], [c2[j] for j, _ in lay.bn_v])
+            else:
+                torch._foreach_mul_([rv for _, rv in lay.bn_v], [cw[j].to(rv.dtype).square() for j, rv in lay.bn_v])
 
     def _accumulate_angles_fast(self, lay: _FlatLayout, theta: Tensor, delta: Tensor, s: Tensor,
                                 dd: Tensor) -> None:
