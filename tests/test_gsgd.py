@@ -347,3 +347,35 @@ def test_fast_step_equals_reference_over_steps(kw):
             got = [opt.state[q]["momentum_buffer"] for q in p]
             assert max((a - b).abs().max().item() for a, b in zip(got, bufs)) < 1e-12
             assert (opt.state[p[0]]["skeleton_buffer"] - sbuf).abs().max().item() < 1e-12
+
+
+def test_block_without_grads_joins_later_and_mixed_dtypes():
+    """A block whose first gradient arrives one step later (its skeleton buffer starts then, the other
+    block's continues: torch.optim.SGD per block), and a float32 block next to float64 ones: each
+    block equals the reference run on it alone."""
+    g = torch.Generator().manual_seed(5)
+    shp = [(4, 3, 3, 3), (4, 4, 3, 3), (2, 4, 1, 1)]
+    roles = bpath.roles_for(3)
+    ms = [bpath.skeleton_mask(s, r, dtype=DT) for s, r in zip(shp, roles)]
+    inits = []
+    for _ in range(3):
+        ws = [torch.randn(*s, generator=g, dtype=DT) * 0.3 for s in shp]
+        inits.append([ws[0] * (1 - ms[0]) + 1.5 * ms[0]] + [w * (1 - m) + m for w, m in zip(ws[1:], ms[1:])])
+    dts = [DT, DT, torch.float32]
+    params = [[nn.Parameter(w.to(dt)) for w in ws] for ws, dt in zip(inits, dts)]
+    opt = GSGD([{"params": p, "roles": roles, "block": f"b{i}"} for i, p in enumerate(params)], lr=0.05,
+               momentum=0.9, weight_decay=0.01)
+    ref = [([w.clone() for w in ws], [None] * 3, None) for ws in inits]
+    hp = dict(lr=0.05, wd=0.01, mom=0.9, damp=0.0, nest=False, wnorm=False, r_min=None)
+    for step in range(3):
+        for i, p in enumerate(params):
+            gr = [torch.randn(w.shape, generator=g, dtype=DT) for w in p]
+            for q, gg in zip(p, gr):
+                q.grad = None if (i == 1 and step == 0) else gg.to(q.dtype)
+            if not (i == 1 and step == 0):
+                ws, bufs, sbuf = ref[i]
+                ref[i] = _ref_block_step(ws, [gg.to(dts[i]).to(DT) for gg in gr], ms, bufs=bufs, sbuf=sbuf, **hp)
+        opt.step()
+    for p, (ws, _b, _s), dt in zip(params, ref, dts):
+        tol = 1e-12 if dt == DT else 1e-5
+        assert max((a.double() - b).abs().max().item() for a, b in zip(p, ws)) < tol

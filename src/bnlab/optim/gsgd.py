@@ -146,8 +146,6 @@ def _take(t: Tensor, lay: _Layer) -> Tensor:
 
 def _put(t: Tensor, lay: _Layer, vals: Tensor) -> None:
     """Overwrite the skeleton entries of ``t`` in place."""
-    if isinstance(vals, float):
-        vals = torch.full(lay.flat.shape, vals, dtype=t.dtype, device=t.device)
     if t.is_contiguous():
         t.view(-1).index_copy_(0, lay.flat, vals)
     else:
@@ -166,13 +164,17 @@ def _spread(vecs: Tensor, taps: int) -> Tensor:
     return vecs if taps == 1 else vecs.unsqueeze(2).expand(-1, -1, taps).reshape(vecs.shape[0], -1)
 
 
-def _sigma_term(w: Tensor, g: Tensor, lay: _Layer) -> Tensor:
-    """``sum_{o, taps} (N * w * g)[o, k]`` (H,): the dense sum minus the skeleton term."""
-    if _fast(w, g):
-        dense = (w * g).view(w.shape[0], -1).sum(0)
+def _sigma_term(w: Tensor, g: Tensor, lay: _Layer, scratch: Tensor) -> Tensor:
+    """``sum_{o, taps} (N * w * g)[o, k]`` (H,): the dense sum minus the skeleton term. The product
+    goes to ``scratch`` (1-D, >= ``w.numel()``): a fresh multi-MB tensor per layer and step costs ~5x
+    the multiply itself on CPU (page faults)."""
+    same = w.dtype == g.dtype == scratch.dtype and w.device == g.device == scratch.device
+    prod = torch.mul(w, g, out=scratch[: w.numel()].view(w.shape)) if same and _fast(w, g) else w * g
+    if prod.is_contiguous():
+        dense = prod.view(w.shape[0], -1).sum(0)
         dense = dense.view(-1, lay.taps).sum(1) if lay.taps > 1 else dense
     else:
-        dense = (w * g).sum((0, *range(2, w.dim())))
+        dense = prod.sum((0, *range(2, w.dim())))
     return dense - _take(w, lay) * _take(g, lay)
 
 
@@ -205,6 +207,7 @@ class GSGD(Optimizer):
         super().__init__(params, defaults)
         self.check = check
         self._layers: dict[tuple, _Layer] = {}
+        self._scratches: dict[tuple, Tensor] = {}
         self._warned: set[str] = set()
         self._reset_telemetry()
         for group in self.param_groups:
@@ -232,6 +235,17 @@ class GSGD(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_layers"):
             self._validate_group(self.param_groups[-1])
+
+    def _scratch(self, groups: list[dict[str, Any]]) -> Tensor:
+        """A reusable 1-D buffer as large as the largest layer >= 2 of ``groups`` (dtype/device of
+        the first)."""
+        p0 = groups[0]["params"][1]
+        n = max(p.numel() for g in groups for p in g["params"][1:])
+        key = (p0.dtype, p0.device)
+        buf = self._scratches.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._scratches[key] = torch.empty(n, dtype=p0.dtype, device=p0.device)
+        return buf
 
     def _layer(self, p: Tensor, role: str) -> _Layer:
         key = (tuple(p.shape), role, p.device)
@@ -269,7 +283,7 @@ class GSGD(Optimizer):
     # -- step --------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One step: plain groups by ``torch.optim.sgd.sgd``; blocks with equal hyper-parameters are
+        """One step: plain groups by ``torch.optim.sgd.sgd``; blocks with equal hyper-parameters, dtype and device are
         batched: ``v``, ``sigma``, ``R`` of all of them from the old weights (read-only, concatenated
         (H,) vectors), then, after the check, every block weight is updated in place."""
         loss = None
@@ -281,7 +295,9 @@ class GSGD(Optimizer):
             if group["roles"] is None:
                 self._sgd_group(group)
             elif any(p.grad is not None for p in group["params"]):
-                batches.setdefault(tuple(group[k] for k in _HYPER), []).append(group)
+                p0 = group["params"][0]
+                key = (*(group[k] for k in _HYPER), p0.dtype, p0.device)
+                batches.setdefault(key, []).append(group)
         preps = [self._prepare(groups) for groups in batches.values()]
         if preps:
             if self.check:
@@ -316,6 +332,7 @@ class GSGD(Optimizer):
         (skeleton entries of layer 1) and ``sigma``; then, on the concatenated (sum H,) vectors, the
         skeleton path gradient, its momentum buffer and ``R``. Nothing is written."""
         hp = groups[0]
+        scratch = self._scratch(groups)
         ws, gds, g0s, lays = [], [], [], []
         vs, gks, sigmas, centres = [], [], [], []
         for group in groups:
@@ -329,9 +346,9 @@ class GSGD(Optimizer):
             lay = [self._layer(p, r) for p, r in zip(params, group["roles"])]
             vs.append(_take(w[0], lay[0]))
             gks.append(_take(g[0], lay[0]))
-            sigma = _sigma_term(w[1], g[1], lay[1])
+            sigma = _sigma_term(w[1], g[1], lay[1], scratch)
             for wl, gl, ll in zip(w[2:], g[2:], lay[2:]):
-                sigma = sigma + _sigma_term(wl, gl, ll)
+                sigma = sigma + _sigma_term(wl, gl, ll, scratch)
             sigmas.append(sigma)
             if hp["wnorm"]:
                 wn = [t.norm(2, dim=1, keepdim=True) for t in w]
