@@ -41,11 +41,13 @@ def _old_builder(commit: str):
     return mod._builder("psi-sgdm")
 
 
-def _warm(model, opt, steps: int) -> None:
+def _warm(model, opt, steps: int, grad_scale: float) -> None:
     for _ in range(getattr(opt, "guard_steps", 0)):
         _with_grads(model, torch.device("cpu"), 32)
         opt.step()
     _with_grads(model, torch.device("cpu"), 32)
+    for p in model.parameters():
+        p.grad.mul_(grad_scale)
     for _ in range(steps):
         opt.step()
 
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--model", default="resnet56")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--old-commit", default=None)
+    ap.add_argument("--grad-scale", type=float, default=1.0,
+                    help="scale the fixed timing gradients (e.g. 1e-4: norms stay put, the guard never fires)")
     ap.add_argument("--renorm-threshold", type=float, default=1e4,
                     help="PSI guard threshold (default: the paper's 1e4); with gradients held fixed the norms "
                          "grow every step and the guard fires on some rows; 1e30 times the no-firing path")
@@ -68,7 +72,7 @@ def main() -> None:
     start = copy.deepcopy(model)
     opt = make_optimizer("psi-sgdm", model, lr=args.lr, momentum=0.9, track_angles=bool(args.track_angles),
                          renorm_threshold=args.renorm_threshold)
-    _warm(model, opt, 20)
+    _warm(model, opt, 20, args.grad_scale)
     fired = sum(float(st.get("renorm_count", 0)) for st in opt.state.values())
     base_model = copy.deepcopy(model)
     for p, q in zip(model.parameters(), base_model.parameters()):
@@ -80,7 +84,7 @@ def main() -> None:
         old = _old_builder(args.old_commit)(old_model, lr=args.lr, momentum=0.9,
                                             track_angles=bool(args.track_angles),
                                             renorm_threshold=args.renorm_threshold)
-        _warm(old_model, old, 20)
+        _warm(old_model, old, 20, args.grad_scale)
     print(machine_info())
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters())} params; lr {args.lr}, momentum 0.9; "
           f"guard firings (rows) in 20 warm-up steps: {fired:.0f}")
@@ -100,7 +104,7 @@ def main() -> None:
         msg += f", old {statistics.median(old_ratios):.2f}"
     fired = sum(float(st.get("renorm_count", 0)) for st in opt.state.values())
     print(msg + f" (track_angles={bool(args.track_angles)}, lr={args.lr}, renorm_threshold="
-          f"{args.renorm_threshold:g}; guard firings (rows) in all steps: {fired:.0f})")
+          f"{args.renorm_threshold:g}, grad_scale={args.grad_scale:g}; guard firings (rows) in all steps: {fired:.0f})")
 
 
 if __name__ == "__main__":
