@@ -81,9 +81,67 @@ def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Resul
         torch.manual_seed(0)
         size = 16 if quick else 32
         pmodel = _with_grads(build("resnet18", norm="pbn", width=width), device, size)
-        ours, base = _pair(pmodel, "gsgd", lr=0.01, momentum=0.9, input_size=size)
+        # lr 1e-4: the timed steps reuse one gradient (~100 steps); at 1e-2 the skeleton path ratios go
+        # negative and explode after a few dozen steps (same work per step, but warnings and a
+        # degenerate state); 1e-4 keeps R_k in [0.9997, 1.0001] over 400 steps
+        ours, base = _pair(pmodel, "gsgd", lr=1e-4, momentum=0.9, input_size=size)
     except (ImportError, ValueError) as e:
         raise Skip(f"gsgd / pbn model not available ({type(e).__name__}: {e})") from e
     o, b = compare(ours, base, settings, device)
     yield Result("optim/gsgd step", o, b, f"resnet18-pbn w{width} ({_count(pmodel)} params)", "float32",
                  device.type, baseline="SGD(momentum, foreach)", target=TARGET)
+
+
+def gsgd_before_after(old_path: str, width: float = 0.5, rounds: int = 3,
+                      settings: Settings | None = None) -> list[dict[str, float]]:
+    """Interleaved medians (``compare``) of the G-SGD step of an earlier ``optim/gsgd.py`` (a file at
+    ``old_path``, e.g. ``git show ed8c8e0:src/bnlab/optim/gsgd.py``), of the current one and of
+    SGD(momentum, foreach), on three copies of ``resnet18`` pbn with the same gradients; ``rounds``
+    repetitions. Returns one dict per round: ``old_ms``, ``new_ms``, ``sgd_ms`` (each pair timed
+    interleaved; ``new_ms`` from the new-vs-SGD pair) and ``old_vs_new`` (old / new, timed together).
+    """
+    import importlib.util
+
+    from .. import optim as registry
+    from ..models import build
+    from ..path.reparam import param_groups
+
+    saved = dict(registry._REGISTRY)
+    spec = importlib.util.spec_from_file_location("bnlab.optim._gsgd_before", old_path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"old_path: cannot load a module from {old_path!r}")
+    old = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(old)
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)                # the old module re-registers "gsgd"
+    from ..optim.gsgd import GSGD
+
+    settings = settings or Settings()
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = _with_grads(build("resnet18", norm="pbn", width=width), device, 32)
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    for c in copies:
+        for p, q in zip(model.parameters(), c.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+    o_old = old.GSGD(param_groups(copies[0]), lr=1e-4, momentum=0.9)
+    o_new = GSGD(param_groups(copies[1]), lr=1e-4, momentum=0.9)
+    o_sgd = torch.optim.SGD(copies[2].parameters(), lr=1e-4, momentum=0.9, foreach=True)
+    out = []
+    for _ in range(rounds):
+        old_ms, sgd1 = compare(o_old.step, o_sgd.step, settings, device)
+        new_ms, sgd2 = compare(o_new.step, o_sgd.step, settings, device)
+        a, b = compare(o_old.step, o_new.step, settings, device)
+        out.append(dict(old_ms=old_ms, new_ms=new_ms, sgd_ms=(sgd1 + sgd2) / 2, old_vs_sgd=old_ms / sgd1,
+                        new_vs_sgd=new_ms / sgd2, old_vs_new=a / b))
+    return out
+
+
+if __name__ == "__main__":                               # python -m bnlab.benchmarks.optim OLD_GSGD_PY
+    import sys
+
+    torch.set_num_threads(1)
+    for row in gsgd_before_after(sys.argv[1]):
+        print({k: round(v, 3) for k, v in row.items()})

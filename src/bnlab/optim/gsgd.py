@@ -17,6 +17,14 @@ coordinates ``{v_k} u {layer-1 non-skeleton} u {v^l = U^l v_k}``, with weight de
 ``wnorm=True`` reproduces the "G-SGD + BN(wnorm)" baseline (pbn.md Sec. 4.3): non-skeleton gradients
 are multiplied by ``||U^l[o, :, taps]||`` (norm over input channels), the skeleton gradient divided by
 that of layer 1's centre tap. Groups without ``roles`` are ``torch.optim.SGD`` exactly.
+
+Implementation (``GSGD.step``): the masked formulas above are evaluated densely and in place
+(``mul_``/``addcmul_`` with per-input-channel scale vectors, broadcast as contiguous rows of a
+``(C_out, H * taps)`` view), then the ``H`` skeleton entries per layer are fixed with ``index_copy_``
+(layer 1: ``v R``; layers >= 2: their saved constants; momentum buffers: 0), ``sigma`` is the dense
+``sum(w * g)`` minus the skeleton terms, blocks with equal hyper-parameters share one set of (H,)
+vector ops and ``torch._foreach_*`` calls on layer 1. ``gsgd_step_block`` is the plain masked,
+out-of-place form, kept as a readable reference (the tests use their own copy).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ def gsgd_step_block(
     momentum: float, dampening: float, nesterov: bool, wnorm: bool, r_min: float | None,
     buffers: list[Tensor | None], skel_buffer: Tensor | None,
 ) -> tuple[list[Tensor], list[Tensor | None], Tensor | None, Tensor, Tensor, Tensor]:
-    """One G-SGD step of one block (pure function; see module docstring).
+    """One G-SGD step of one block (pure, out-of-place reference; ``GSGD.step`` uses the in-place path).
 
     weights/grads/masks: ``[U^1 (H, C_in, *k), U^2 (*, H, *k), ...]``. Returns ``(new weights,
     new path-space buffers, new skeleton buffer, v (H,), R (H,), number of clamped R)``.
@@ -283,9 +291,10 @@ class GSGD(Optimizer):
     # -- step --------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One step: plain groups by ``torch.optim.sgd.sgd``; blocks with equal hyper-parameters, dtype and device are
-        batched: ``v``, ``sigma``, ``R`` of all of them from the old weights (read-only, concatenated
-        (H,) vectors), then, after the check, every block weight is updated in place."""
+        """One step: plain groups by ``torch.optim.sgd.sgd``; blocks with equal hyper-parameters,
+        dtype and device are batched: ``v``, ``sigma``, ``R`` of all of them from the old weights
+        (read-only, concatenated (H,) vectors), then, after the check, every block weight is updated
+        in place."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
