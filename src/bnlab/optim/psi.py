@@ -129,6 +129,7 @@ class _FlatLayout:
                 bias_rows.extend(range(*self.row_ranges[k]))
         dev = params[units[0][0]].device
         self.order = weights  # unit indices in layout order
+        self.n_units = len(weights)
         self.row_sizes = [params[units[k][0]].shape[0] for k in weights]
         self.cshapes = [(-1,) + (1,) * (params[units[k][0]].dim() - 1) for k in weights]
         pos = {k: j for j, k in enumerate(weights)}
@@ -588,10 +589,6 @@ class PSISGD(Optimizer):
         """The overflow guard fired: scale weights, buffers and BN statistics of each unit by c (rows,),
         and count the rescaled rows in ``renorm_count`` (0-d views of one per-layout counter)."""
         cw = c.split(lay.row_sizes)  # per unit, layout order
-        cviews = [v.view(shape) for v, shape in zip(cw, lay.cshapes)] + [cw[j] for j in lay.bias_pos]
-        torch._foreach_mul_(lay.ts, cviews)
-        if bufs:
-            torch._foreach_mul_(lay.uviews, cviews)
         params = group["params"]
         st = self.state
         ws = [params[lay.units[k][0]] for k in lay.order]
@@ -602,20 +599,32 @@ class PSISGD(Optimizer):
                 if "renorm_count" in st[w]:
                     v.copy_(st[w]["renorm_count"])
                 st[w]["renorm_count"] = v
-        lay.counts.index_add_(0, lay.row_unit, (c != 1).long())
+        per_unit = torch.zeros_like(lay.counts).index_add_(0, lay.row_unit, (c != 1).long())
+        lay.counts.add_(per_unit)
+        # only the units that fired are rescaled (elsewhere c == 1, and x * 1 == x exactly)
+        sel = per_unit.nonzero().flatten().tolist()
+        selected = set(sel)
+        idx = sel + [lay.n_units + i for i, j in enumerate(lay.bias_pos) if j in selected]
+        cviews = [cw[j].view(lay.cshapes[j]) for j in sel] + [cw[j] for j in lay.bias_pos if j in selected]
+        torch._foreach_mul_([lay.ts[i] for i in idx], cviews)
+        if bufs:
+            torch._foreach_mul_([lay.uviews[i] for i in idx], cviews)
         if lay.bn_src is not self._bn:  # resolve the bound BN statistics once per binding
             lay.bn_src = self._bn
             pairs = [self._bn.get((gi, lay.units[k][0]), (None, None)) for k in lay.order]
             lay.bn_m = [(j, rm) for j, (rm, _) in enumerate(pairs) if rm is not None]
             lay.bn_v = [(j, rv) for j, (_, rv) in enumerate(pairs) if rv is not None]
         if lay.bn_m:
-            torch._foreach_mul_([rm for _, rm in lay.bn_m], [cw[j].to(rm.dtype) for j, rm in lay.bn_m])
+            bn_m = [(j, rm) for j, rm in lay.bn_m if j in selected]
+            if bn_m:
+                torch._foreach_mul_([rm for _, rm in bn_m], [cw[j].to(rm.dtype) for j, rm in bn_m])
         if lay.bn_v:
-            if all(rv.dtype == c.dtype for _, rv in lay.bn_v):
+            bn_v = [(j, rv) for j, rv in lay.bn_v if j in selected]
+            if bn_v and all(rv.dtype == c.dtype for _, rv in bn_v):
                 c2 = c.square().split(lay.row_sizes)
-                torch._foreach_mul_([rv for _, rv in lay.bn_v], [c2[j] for j, _ in lay.bn_v])
-            else:
-                torch._foreach_mul_([rv for _, rv in lay.bn_v], [cw[j].to(rv.dtype).square() for j, rv in lay.bn_v])
+                torch._foreach_mul_([rv for _, rv in bn_v], [c2[j] for j, _ in bn_v])
+            elif bn_v:
+                torch._foreach_mul_([rv for _, rv in bn_v], [cw[j].to(rv.dtype).square() for j, rv in bn_v])
 
     def _accumulate_angles_fast(self, lay: _FlatLayout, theta: Tensor, delta: Tensor, s: Tensor,
                                 dd: Tensor) -> None:
