@@ -119,7 +119,7 @@ def test_missing_root_and_bad_kwargs(tmp_path):
         load("mnist", root=tmp_path)
     with pytest.raises(ValueError, match="root is required"):
         load("cifar10")
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="unexpected keyword"):
         load("mnist", root=tmp_path, colour=True)
 
 

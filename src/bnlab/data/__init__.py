@@ -38,7 +38,12 @@ def load(name: str, root: str | None = None, download: bool = False, train_subse
     if not isinstance(name, str) or name.lower() not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(dataset_names())}")
     module, func = _LOADERS[name.lower()]
-    ds = getattr(importlib.import_module(module), func)(root=root, download=download, **kwargs)
+    try:
+        ds = getattr(importlib.import_module(module), func)(root=root, download=download, **kwargs)
+    except TypeError as e:  # an unknown data option is a user mistake, not a bug
+        if "unexpected keyword" in str(e):
+            raise ValueError(f"dataset {name!r}: {e}") from None
+        raise
     if train_subset is not None or test_subset is not None:
         ds = ds.subset(train_subset, test_subset, seed=seed)
     return ds

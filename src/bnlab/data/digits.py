@@ -10,10 +10,16 @@ __all__ = ["load_digits"]
 
 
 def load_digits(root=None, download: bool = False, test_fraction: float = 0.25, split_seed: int = 0,
-                **_: object) -> ImageDataset:
+                **kwargs: object) -> ImageDataset:
     """1797 images, pixel values 0..16 rescaled to uint8 0..255; a fixed stratified split
     (``test_fraction`` of each class to test, chosen by ``split_seed``)."""
     from sklearn.datasets import load_digits as sk_load
+
+    if kwargs:
+        raise TypeError(f"digits: unexpected keyword argument(s) {sorted(kwargs)}; accepted: "
+                        "root, download, test_fraction, split_seed")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"digits: test_fraction must be in (0, 1), got {test_fraction!r}")
 
     d = sk_load()
     x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)

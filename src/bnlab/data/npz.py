@@ -24,6 +24,7 @@ def load_npz_arrays(
     name: str,
     image_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, np.ndarray | list[str] | None]:
     """Read and validate a dataset ``.npz``.
 
@@ -34,11 +35,23 @@ def load_npz_arrays(
             ``(H, W)`` / ``(H, W, C)`` shared by both splits.
         num_classes: expected number of classes (labels must lie in ``[0, num_classes)``; a
             ``classes`` array, if present, must have this length).
+        max_bytes: refuse an archive whose members inflate to more than this (zip bombs);
+            default :data:`bnlab.data.archives.DEFAULT_MAX_BYTES`.
 
     Returns:
         dict with ``x_train, y_train, x_test, y_test`` (numpy) and ``classes`` (list of str or None).
     """
     path = Path(path)
+    from .archives import DEFAULT_MAX_BYTES
+
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    try:
+        with zipfile.ZipFile(path) as zf:  # the declared sizes bound what zipfile will inflate
+            total = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError):
+        total = 0  # np.load below reports the unreadable file
+    if total > limit:
+        raise ValueError(f"{name}: {path} inflates to {total} bytes, exceeds max_bytes={limit} (zip bomb?)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -91,6 +92,9 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r}: got {getattr(self, name)!r}, expected an int >= 1")
+        for name in ("lr", "width", "momentum", "weight_decay", "warmup_epochs", "gamma", "label_smoothing"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"config field {name!r}: got {getattr(self, name)!r}, expected a finite number")
         for name in ("lr", "width"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"config field {name!r}: got {getattr(self, name)!r}, expected > 0")

@@ -250,9 +250,6 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False,
     stays), and :class:`TrainingError` for a missing checkpoint on ``resume``.
     """
     cfg.validate()
-    for name in ("lr", "momentum", "weight_decay", "width", "warmup_epochs"):  # validate() lets inf/nan through
-        if not math.isfinite(getattr(cfg, name)):
-            raise ConfigError(f"config field {name!r}: got {getattr(cfg, name)!r}, expected a finite number")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config field 'device': got 'cuda' but CUDA is not available; expected 'cpu' or 'auto'")
     info = setup_distributed(cfg.device)
