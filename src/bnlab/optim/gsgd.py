@@ -194,7 +194,8 @@ class GSGD(Optimizer):
     ``dampening``, ``weight_decay`` (path-space decay for blocks, coupled L2 elsewhere), ``nesterov``,
     ``maximize``, ``foreach`` (plain-SGD groups), ``wnorm`` ("G-SGD + BN(wnorm)"), ``r_min`` (clamp
     ``R_k`` from below; ``None``: off, faithful), ``check`` (warn when ``R_k <= 0``, raise on
-    non-finite ``R``/``v``; one device sync per step).
+    non-finite/zero ``R``, ``v = 0`` or non-finite gradients before writing; one device sync and a
+    sum over layer-1 gradients per step).
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
