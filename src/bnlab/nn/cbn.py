@@ -112,7 +112,8 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel (biased var, mean) of x (N, C, *), as ``torch.var_mean(..., correction=0)``.
 
     CPU: ``mean = sum(x) / N``, then ``sum(x * (x - mean))`` in one pass of :func:`_sums` (the BN
-    backward kernel, which forms it as ``sum(x^2) - mean * sum(x)``): 4-6x faster than
+    inference-mode backward kernel; measured float32 error ~6e-8 * mean^2 / var relative, e.g. 4%
+    at mean^2 / var = 1e6; a one-pass ``E[x^2] - mean^2`` was 3x worse): 4-6x faster than
     ``torch.var_mean`` over (0, 2, 3) (a strided Welford reduction) and than the BN kernel's own
     statistics. That form loses ``eps * mean^2 / var`` relative precision, so a channel with
     ``mean^2 > 1e3 * var`` (one host check, free on CPU) sends the call to ``torch.var_mean``.
