@@ -1,10 +1,12 @@
-"""Time-to-same-objective for (C-BN): bnlab AL (torch) vs CVXPY (Clarabel, SCS) vs pyscnn AL.
+"""Time-to-objective for (C-BN): bnlab ADMM (torch) vs CVXPY (Clarabel, SCS) vs pyscnn AL.
 
-Reference optimum: Clarabel. Each solver's objective is re-evaluated by bnlab on the same patterns;
-"rel" = (objective - Clarabel) / Clarabel, "viol" = max cone violation (relative). Prints absolute times
-and ratios to bnlab's time. pyscnn is optional (``pip install pyscnn``; PYSCNN_PATH adds a site dir).
+Reference objective p_ref: Clarabel run with tol_gap_rel = tol_gap_abs = tol (its own certificate).
+Every solver's W is re-evaluated by bnlab on the same patterns: "rel" = (objective - p_ref)/p_ref,
+"viol" = max relative cone violation. bnlab's time is to a *certified* relative duality gap <= tol.
+pyscnn is optional (PYSCNN_PATH adds a site dir; missing: its rows are skipped).
 
-    python bench/bench_convex.py [--quick] [--tol 1e-4]
+    python bench/bench_convex.py [--quick] [--tol 1e-4] [--sizes 1000,20,200 ...] [--no-pyscnn]
+    bench_rows(quick) -> list[dict]   (name, ours_ms, baseline_ms, ratio = baseline/ours, size, gap, ...)
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 import torch
 
 from bnlab.convex import ConvexBNProblem, sample_patterns, solve, whiten
-from bnlab.convex.experiments import load_flat
 
 T = torch.as_tensor
+QUICK_SIZES = [(60, 5, 30), (200, 10, 100)]
+FULL_SIZES = [(200, 10, 100), (500, 20, 100), (1000, 20, 200)]
 
 
 def run_pyscnn(Up, y, beta, n_gates, seed, tol):
@@ -47,10 +50,61 @@ def run_pyscnn(Up, y, beta, n_gates, seed, tol):
     return dt, W, D
 
 
-def timed(fn, *args, **kw):
+def _data(n: int):
+    """Fashion-MNIST T-shirt(0) vs shirt(6) if the shared file exists, else sklearn digits 0/1 (n <= 360)."""
+    from bnlab.convex.experiments import load_flat
+
+    path = "/work/shared/data/fashion_mnist.npz"
+    if os.path.exists(path) and n > 300:
+        X, y, _, _ = load_flat("fashion_mnist", path, [0, 6], n, 10, seed=0)
+        return "fashion 0/6", X, np.where(y == 6, 1.0, -1.0), 1.0
+    X, y, _, _ = load_flat("digits", None, [0, 1])
+    return "digits 0/1", X[:n], np.where(y[:n] == 1, 1.0, -1.0), 0.05
+
+
+def _timed(fn, *a, **k):
     t = time.perf_counter()
-    out = fn(*args, **kw)
+    out = fn(*a, **k)
     return out, time.perf_counter() - t
+
+
+def bench_rows(quick: bool = True, tol: float = 1e-4, sizes=None, pyscnn: bool = True,
+               pyscnn_tol: float = 1e-6) -> list[dict]:
+    """One row per (size, baseline): ``ours_ms`` = bnlab ADMM to a certified gap <= tol, ``baseline_ms`` =
+    the baseline's time at tolerance ``tol`` (Clarabel/SCS) or pyscnn_tol; ``ratio`` = baseline/ours."""
+    torch.set_num_threads(1)
+    if os.environ.get("PYSCNN_PATH") and os.environ["PYSCNN_PATH"] not in sys.path:
+        sys.path.insert(0, os.environ["PYSCNN_PATH"])
+    rows = []
+    for n, k, gates in sizes or (QUICK_SIZES if quick else FULL_SIZES):
+        label, X, y, beta = _data(n)
+        n = len(y)
+        wh = whiten(X, k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            D = sample_patterns(wh.Up, gates, seed=0)
+            prob = ConvexBNProblem(T(wh.Up), T(D), T(y), beta)
+            cl, t_cl = _timed(solve, prob, "clarabel", tol=tol,
+                              solver_opts={"tol_gap_rel": tol, "tol_gap_abs": tol, "tol_feas": 1e-6})
+            scs, t_scs = _timed(solve, prob, "scs", tol=tol, solver_opts={"eps_abs": tol, "eps_rel": tol})
+            ours, t_ours = _timed(solve, prob, "admm", tol=tol, max_iter=100000)
+            ps = run_pyscnn(wh.Up, y, beta, gates, 0, pyscnn_tol) if pyscnn else None
+        p_ref = cl.objective
+        size = f"{label} n={n} q={wh.q} P={D.shape[1]}"
+        base = {"size": size, "ours_ms": 1e3 * t_ours, "gap": ours.gap, "ours_rel": (ours.objective - p_ref) / p_ref,
+                "ours_viol": ours.violation, "certified": ours.converged,
+                "dtype": "float64", "device": "cpu"}
+        cands = [("ADMM vs Clarabel", "CVXPY+Clarabel (tol 1e-4)", t_cl, cl.objective, cl.violation),
+                 ("ADMM vs SCS", "CVXPY+SCS (eps 1e-4)", t_scs, scs.objective, scs.violation)]
+        if ps is not None:
+            dt, W, Dp = ps
+            pp = ConvexBNProblem(T(wh.Up), T(Dp), T(y), beta)
+            cands.append(("ADMM vs pyscnn", f"pyscnn AL (tol {pyscnn_tol:g})", dt, float(pp.objective(T(W))),
+                          float(pp.violation(T(W)))))
+        for name, bl, t_b, obj, viol in cands:
+            rows.append(dict(base, name=name, baseline=bl, baseline_ms=1e3 * t_b, ratio=t_b / t_ours,
+                             baseline_rel=(obj - p_ref) / p_ref, baseline_viol=viol))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -58,39 +112,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--pyscnn-tol", type=float, default=1e-6, help="pyscnn AL tol and constraint_tol")
+    ap.add_argument("--no-pyscnn", action="store_true")
+    ap.add_argument("--sizes", nargs="*", default=None, help="n,k,gates triples")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    if os.environ.get("PYSCNN_PATH"):
-        sys.path.insert(0, os.environ["PYSCNN_PATH"])
-    sizes = [(60, 5, 30)] if a.quick else [(100, 10, 50), (200, 10, 100), (400, 20, 100)]
-    Xa, ya, _, _ = load_flat("digits", None, [0, 1])
-    print(f"digits 0/1, beta=0.05, tol={a.tol}; times in s; rel = objective rel. to Clarabel")
-    print("n, k, P | Clarabel | SCS (rel, ratio) | bnlab AL (rel, viol) | pyscnn AL (rel, viol, ratio)")
-    for n, k, gates in sizes:
-        X, y = Xa[:n], np.where(ya[:n] == 1, 1.0, -1.0)
-        wh = whiten(X, k)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            D = sample_patterns(wh.Up, gates, seed=0)
-            prob = ConvexBNProblem(T(wh.Up), T(D), T(y), 0.05)
-            ref, t_cl = timed(solve, prob, "clarabel")
-            scs, t_scs = timed(solve, prob, "scs", solver_opts={"eps": a.tol})
-            al, t_al = timed(solve, prob, "al", tol=a.tol, max_iter=200000)
-            ps = run_pyscnn(wh.Up, y, 0.05, gates, 0, a.pyscnn_tol)
-        p_ref = ref.objective
-
-        def rel(v, p_ref=p_ref):
-            return (v - p_ref) / p_ref
-        line = (f"{n}, {k}, {D.shape[1]} | {t_cl:.2f} | {t_scs:.2f} ({rel(scs.objective):+.1e}, x{t_scs / t_al:.2f}) | "
-                f"{t_al:.2f} ({rel(al.objective):+.1e}, {al.violation:.0e}) | ")
-        if ps is None:
-            line += "not installed"
-        else:
-            dt, W, Dp = ps
-            pp = ConvexBNProblem(T(wh.Up), T(Dp), T(y), 0.05)
-            Wt = T(W)
-            line += f"{dt:.2f} ({rel(float(pp.objective(Wt))):+.1e}, {float(pp.violation(Wt)):.0e}, x{dt / t_al:.2f})"
-        print(line + f" | Clarabel/bnlab x{t_cl / t_al:.2f}", flush=True)
+    sizes = [tuple(int(v) for v in s.split(",")) for s in a.sizes] if a.sizes else None
+    print(f"tol={a.tol}; times in s; rel = objective relative to Clarabel; ratio = baseline time / ours")
+    print("size | ours s (rel, gap, viol) | baseline | baseline s (rel, viol) | ratio")
+    for r in bench_rows(a.quick, a.tol, sizes, not a.no_pyscnn, a.pyscnn_tol):
+        print(f"{r['size']} | {r['ours_ms'] / 1e3:.2f} ({r['ours_rel']:+.1e}, {r['gap']:.1e}, {r['ours_viol']:.0e}) | "
+              f"{r['baseline']} | {r['baseline_ms'] / 1e3:.2f} ({r['baseline_rel']:+.1e}, {r['baseline_viol']:.0e}) | "
+              f"x{r['ratio']:.2f}", flush=True)
     return 0
 
 

@@ -26,7 +26,10 @@ from torch import Tensor
 
 from .problem import ConvexBNProblem
 
-__all__ = ["ConvexSolution", "ConvergenceWarning", "solve", "fista", "augmented_lagrangian", "solve_cvxpy"]
+__all__ = ["ConvexSolution", "ConvergenceWarning", "solve", "fista", "augmented_lagrangian", "solve_cvxpy",
+           "admm_solve", "SOLVERS"]
+
+SOLVERS = ("auto", "admm", "al", "fista", "cvxpy", "clarabel", "scs")
 
 
 class ConvergenceWarning(UserWarning):
@@ -211,6 +214,26 @@ def augmented_lagrangian(prob: ConvexBNProblem, tol: float = 1e-8, constraint_to
     return sol
 
 
+def admm_solve(prob: ConvexBNProblem, tol: float = 1e-8, constraint_tol: float | None = None,
+               max_iter: int = 20000, gated: bool = False, rho: float | None = None, alpha: float = 1.6,
+               check_every: int = 10, W0: Tensor | None = None, verbose: bool = False,
+               admm_options: dict | None = None) -> ConvexSolution:
+    """Exact (C-BN) (or the gated relaxation, ``gated=True``) by ADMM with an exact cone prox (admm.py)."""
+    from .admm import admm
+
+    t0 = time.perf_counter()
+    ctol = tol if constraint_tol is None else constraint_tol
+    with _progress(max_iter, verbose, "admm") as bar:               # E2 weights: weighted-norm prox in admm
+        r = admm(prob, tol=tol, constraint_tol=ctol, max_iter=max_iter, rho=rho, alpha=alpha, gated=gated,
+                 check_every=check_every, W0=W0, bar=bar, **(admm_options or {}))
+    W = r["W"]
+    ok = r["gap"] <= tol and r["violation"] <= ctol
+    sol = _finish(W, r["objective"], r["dual"], r["gap"], r["violation"], ok, "admm", r["iterations"], t0,
+                  gated=gated)
+    sol.history = r["history"]
+    return sol
+
+
 def _finish(W: Tensor, pv, db, gap, viol, ok, name, it, t0, gated=False) -> ConvexSolution:
     sol = ConvexSolution(W=W.detach().cpu().double().numpy(), objective=pv, dual_bound=db, gap=gap,
                          violation=viol, converged=bool(ok), solver=name, iterations=it,
@@ -282,14 +305,19 @@ def solve_cvxpy(prob: ConvexBNProblem, solver: str = "CLARABEL", gated: bool = F
 def solve(prob: ConvexBNProblem, solver: str = "al", tol: float = 1e-8, max_iter: int = 50000,
           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, verbose: bool = False,
           **kwargs) -> ConvexSolution:
-    """Dispatch: ``solver`` in {"al" (exact), "fista" (gated relaxation), "cvxpy"/"clarabel"/"scs"}."""
+    """Dispatch: ``solver`` in {"auto" (= "admm", or "al" for pooled problems), "admm" (exact; ``gated=True``
+    for the relaxation), "al" (exact), "fista" (gated relaxation), "cvxpy"/"clarabel"/"scs"}."""
+    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
     s = solver.lower()
+    if s == "auto":
+        s = "cvxpy" if prob.loss == "hinge" else ("al" if prob.pool is not None else "admm")
     if s in ("cvxpy", "clarabel", "scs"):
         return solve_cvxpy(prob, "CLARABEL" if s == "cvxpy" else s.upper(), tol=tol, **kwargs)
     p = _as_tensors(prob, torch.device(device), dtype)
     if s == "al":
         kwargs.setdefault("constraint_tol", tol)
         return augmented_lagrangian(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
-    if s == "fista":
-        return fista(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
-    raise ValueError(f"solver must be one of 'al', 'fista', 'cvxpy', 'clarabel', 'scs'; got {solver!r}")
+    if s == "admm":
+        return admm_solve(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
+    return fista(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)

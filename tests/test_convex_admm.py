@@ -1,0 +1,131 @@
+"""Tests for the ADMM solver of (C-BN) (bnlab.convex.admm; solver="admm"/"auto")."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from bnlab.convex.admm import zprox_logistic, zprox_squared, zprox_squared_newton
+from bnlab.convex.patterns import PatternWarning, sample_patterns, whiten
+from bnlab.convex.problem import ConvexBNProblem
+from bnlab.convex.solvers import ConvergenceWarning, solve
+
+torch.set_num_threads(1)
+T = torch.as_tensor
+
+
+def _prox_case(seed=0, C=2, N=7, J=10):
+    g = torch.Generator().manual_seed(seed)
+    V = 3 * torch.randn(C, N, J, generator=g, dtype=torch.float64)
+    M = torch.rand(N, J, generator=g) < 0.6
+    M[0] = False                                   # a sample with no active block
+    M[1] = True                                    # a sample with all blocks active
+    s = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat_interleave(J // 2)
+    Y = torch.randn(C, N, generator=g, dtype=torch.float64)
+    return V, M, s, Y
+
+
+def _kkt_squared(Z, V, M, s, Y, rho, gated=False):
+    """Max deviation from the KKT fixed point z = Π(v - r s/ρ), r = Σ_M s z - y (sufficient: convex)."""
+    r = (Z * s * M).sum(-1, keepdim=True) - Y[..., None]
+    U = V - r * s / rho
+    Zs = torch.where(M, U, V) if gated else torch.where(M, U.clamp_min(0), V.clamp_max(0))
+    return float((Zs - Z).abs().max())
+
+
+@pytest.mark.parametrize("rho", [0.05, 1.0, 40.0])
+def test_zprox_squared_sort_and_newton_satisfy_kkt(rho):
+    V, M, s, Y = _prox_case()
+    Z = zprox_squared(V, M, s, Y, rho)
+    assert _kkt_squared(Z, V, M, s, Y, rho) < 1e-12
+    Zn, r = zprox_squared_newton(V, M, s, Y, rho, None)
+    torch.testing.assert_close(Zn, Z, atol=1e-12, rtol=0)
+    Zw, _ = zprox_squared_newton(V + 0.1, M, s, Y, rho, r)        # warm start from another point
+    assert _kkt_squared(Zw, V + 0.1, M, s, Y, rho) < 1e-12
+    Zg = zprox_squared(V, M, s, Y, rho, gated=True)
+    assert _kkt_squared(Zg, V, M, s, Y, rho, gated=True) < 1e-12
+    # not the identity: the prox moved the point and the cone signs hold
+    assert float((Z - V).abs().max()) > 1e-3 and bool((Z[..., ~M] <= 0).all()) and bool((Z[:, M] >= 0).all())
+
+
+def test_zprox_logistic_satisfies_kkt():
+    V, M, s, Y = _prox_case(1)
+    Y = torch.where(Y > 0, 1.0, -1.0).double()
+    rho = 0.7
+    for gated in (False, True):
+        Z = zprox_logistic(V, M, s, Y, rho, gated)
+        pred = (Z * s * M).sum(-1, keepdim=True)
+        g = -Y[..., None] * torch.sigmoid(-Y[..., None] * pred)      # ℓ'(pred)
+        U = V - g * s / rho
+        Zs = torch.where(M, U if gated else U.clamp_min(0), V if gated else V.clamp_max(0))
+        assert float((Zs - Z).abs().max()) < 1e-12
+
+
+def _problem(n=12, d=3, seed=0, gates=40, beta=0.1, loss="squared", weights=None):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    y = rng.standard_normal(n)
+    if loss != "squared":
+        y = np.where(y > 0, 1.0, -1.0)
+    wh = whiten(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatternWarning)
+        D = sample_patterns(wh.Up, gates, seed=1)
+    return ConvexBNProblem(T(wh.Up), T(D), T(y), beta, loss, weights)
+
+
+@pytest.mark.parametrize("seed, beta", [(0, 0.1), (3, 0.5)])
+def test_admm_matches_clarabel_and_certifies(seed, beta):
+    prob = _problem(seed=seed, beta=beta)
+    ref = solve(prob, "clarabel")
+    sol = solve(prob, "admm", tol=1e-8)
+    assert sol.converged and sol.gap <= 1e-8 and sol.violation <= 1e-8
+    assert abs(sol.objective - ref.objective) <= 1e-6 * ref.objective
+    assert sol.dual_bound <= ref.objective * (1 + 1e-9)             # a valid lower bound
+    assert all(h["dual"] <= ref.objective * (1 + 1e-9) for h in sol.history)   # at every checked iterate
+    assert solve(prob, "auto", tol=1e-6).solver == "admm"
+
+
+def test_admm_vector_output_and_spectral_weights():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((10, 3))
+    Y = np.eye(3)[rng.integers(0, 3, 10)].T                            # (C, n) one-hot targets
+    wh = whiten(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatternWarning)
+        D = sample_patterns(wh.Up, 30, seed=0)
+    w = T(np.array([1.0, 2.0, 0.5, 1.5]))
+    prob = ConvexBNProblem(T(wh.Up), T(D), T(Y), 0.2, weights=w)
+    ref = solve(prob, "clarabel")
+    sol = solve(prob, "admm", tol=1e-9)
+    assert sol.converged and abs(sol.objective - ref.objective) <= 1e-6 * ref.objective
+
+
+def test_admm_gated_relaxation_and_logistic():
+    prob = _problem(seed=2, beta=0.2)
+    ref_g = solve(prob, "cvxpy", gated=True)
+    sol_g = solve(prob, "admm", tol=1e-9, gated=True)
+    assert sol_g.converged and sol_g.gated and abs(sol_g.objective - ref_g.objective) <= 1e-6 * ref_g.objective
+    lp = _problem(seed=4, beta=0.2, loss="logistic", gates=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)            # Clarabel's own logistic gap ~1e-5
+        ref = solve(lp, "cvxpy")
+    sol = solve(lp, "admm", tol=1e-8)
+    assert sol.converged and abs(sol.objective - ref.objective) <= 1e-6 * ref.objective
+
+
+def test_admm_reports_nonconvergence_and_bad_arguments():
+    prob = _problem()
+    with pytest.warns(ConvergenceWarning, match="relative duality gap"):
+        sol = solve(prob, "admm", max_iter=20)
+    assert not sol.converged
+    with pytest.raises(ValueError, match="solver must be one of"):
+        solve(prob, "newton")
+    pooled = ConvexBNProblem(prob.Up, prob.D, prob.Y[:, :6], 0.1, pool=2)
+    with pytest.raises(ValueError, match="pool"):
+        solve(pooled, "admm")
+    with pytest.raises(ValueError, match="hinge"):
+        solve(_problem(loss="hinge", gates=5), "admm")
