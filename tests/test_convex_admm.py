@@ -129,3 +129,23 @@ def test_admm_reports_nonconvergence_and_bad_arguments():
         solve(pooled, "admm")
     with pytest.raises(ValueError, match="hinge"):
         solve(_problem(loss="hinge", gates=5), "admm")
+
+
+def test_admm_network_certificate_bounds_the_recovered_network():
+    from bnlab.convex.recover import BNReLUNet, nc_objective, recover
+
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((14, 3)), rng.standard_normal(14)
+    wh = whiten(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatternWarning)
+        D = sample_patterns(wh.Up, 30, seed=2)
+    prob = ConvexBNProblem(T(wh.Up), T(D), T(y), 0.1)
+    ref = solve(prob, "clarabel")
+    sol = solve(prob, "admm", tol=1e-5, certify="network")
+    assert sol.converged and sol.solver == "admm-network"
+    assert sol.dual_bound <= ref.objective * (1 + 1e-9)
+    net = BNReLUNet.from_params(recover(sol.W, wh), X)
+    nc = float(nc_objective(net, T(X), T(y), 0.1))
+    assert abs(nc - sol.objective) <= 1e-8 * sol.objective          # the certified value is the network's
+    assert nc <= ref.objective * (1 + 1e-5) + 1e-12                 # at least as good as the program optimum

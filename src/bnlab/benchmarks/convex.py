@@ -1,12 +1,14 @@
 """The convex solver against CVXPY / pyscnn: delegated to the convex engineer's
 ``bench/bench_convex.py`` (imported by path, never copied).
 
-If that module defines a row-returning function (``bench_convex``, ``run_benchmarks``, ``run``,
-``benchmark``; called with ``quick=`` and ``device=`` when accepted, returning mappings with
-``name``, ``ours_ms``, ``baseline_ms``), its rows are used. Otherwise its ``main(argv)`` is run with
+If that module defines a row-returning function (``bench_rows`` (current), ``bench_convex``,
+``run_benchmarks``, ``run``, ``benchmark``; called with ``quick=`` and ``device=`` when accepted,
+returning mappings with ``name``, ``ours_ms``, ``baseline_ms``, ``size``/``shape``), its rows are used.
+Otherwise its ``main(argv)`` is run with
 stdout captured and the table it prints (``n, k, P | Clarabel s | SCS s (...) | bnlab AL s (...) |
 pyscnn ...``) is parsed into rows: bnlab AL against Clarabel and against SCS (CVXPY backends).
-Skipped in ``--quick``: its quick case alone takes minutes on a loaded 2-core CPU.
+Skipped in ``--quick`` (``bench_rows(quick=True)`` still takes ~20 s of CPU; run it with
+``python bench/bench_convex.py --quick``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .timing import Result, Settings, Skip
 
 __all__ = ["run", "find_bench_script", "parse_table"]
 
-_FUNCS = ("bench_convex", "run_benchmarks", "run", "benchmark")
+_FUNCS = ("bench_rows", "bench_convex", "run_benchmarks", "run", "benchmark")
 _NUM = r"([0-9.eE+-]+)"
 _LINE = re.compile(rf"^\s*(\d+),\s*(\d+),\s*(\d+)\s*\|\s*{_NUM}\s*\|\s*{_NUM}[^|]*\|\s*{_NUM}[^|]*\|\s*([^|]*)")
 
@@ -86,7 +88,7 @@ def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Resul
                 yield row
             elif isinstance(row, Mapping):
                 yield Result(f"convex/{row.get('name', '?')}", float(row.get("ours_ms", math.nan)),
-                             float(row.get("baseline_ms", math.nan)), str(row.get("shape", "")),
+                             float(row.get("baseline_ms", math.nan)), str(row.get("shape", row.get("size", ""))),
                              str(row.get("dtype", "float64")), str(row.get("device", device.type)),
                              baseline=str(row.get("baseline", "CVXPY")))
         return

@@ -206,12 +206,15 @@ class _Anderson:
 
 def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = None, max_iter: int = 20000,
          rho: float | None = None, alpha: float = 1.6, gated: bool = False, check_every: int = 10,
-         W0: Tensor | None = None, anderson: int | None = None, adapt_rho: bool = True, bar=None) -> dict:
+         W0: Tensor | None = None, anderson: int | None = None, adapt_rho: bool = True, balance: float = 10.0,
+         certify: str = "program", bar=None) -> dict:
     """Run ADMM on an unweighted, unpooled problem ``p`` (tensors on the target device/dtype).
 
     Returns a dict with W (C, 2P, q), objective, dual bound, gap, violation, iterations, history."""
     if p.pool is not None:
         raise ValueError(f"solver='admm' does not support pooled problems (pool={p.pool}); use solver='al'")
+    if certify not in ("program", "network"):
+        raise ValueError(f"certify must be 'program' or 'network', got {certify!r}")
     if p.loss not in ("squared", "logistic"):
         raise ValueError(f"solver='admm' needs loss 'squared' or 'logistic', got loss={p.loss!r}; "
                          "use solver='cvxpy'")
@@ -286,19 +289,22 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
         rp = float((HW - Z).norm())
         rd = rho * float(((Z - x[0]) @ Up).norm())
         viol = 0.0 if gated else float(p.violation(W))
-        pv = float(p.objective(W))
+        if certify == "network":                                      # realised ReLU network (any W)
+            pv = float(p.objective(W, gated=gated))
+        else:
+            pv = float(p.objective(W))
         db = max(float(p.dual_bound(W)[0]) if gated else -math.inf, admm_bound(p, Z, rho * Uu, gated))
         gap = (pv - db) / max(1.0, abs(pv))
         hist.append({"iter": it, "objective": pv, "dual": db, "gap": gap, "violation": viol, "rho": rho,
                      "r_primal": rp, "r_dual": rd})
         if bar is not None:
             bar.set_postfix(gap=f"{gap:.1e}", viol=f"{viol:.0e}")
-        if gap <= tol and viol <= ctol:
+        if gap <= tol and (certify == "network" or viol <= ctol):
             break
         if not math.isfinite(pv):
             raise FloatingPointError(f"admm diverged (objective {pv}) at iteration {it}, rho={rho}")
-        if adapt_rho and (rp > 10 * rd or rd > 10 * rp):              # residual balancing (resets AA)
-            fac = 2.0 if rp > 10 * rd else 0.5
+        if adapt_rho and (rp > balance * rd or rd > balance * rp):    # residual balancing (resets AA)
+            fac = 2.0 if rp > balance * rd else 0.5
             rho *= fac
             x = torch.stack([g[0], g[1] / fac])
             g, W, HW = F(x)

@@ -28,7 +28,7 @@ from .solvers import ConvexSolution, solve
 __all__ = ["ConvexBNRegressor", "ConvexBNClassifier"]
 
 _NONCONVEX = ("gd", "sgd", "adam")
-_SOLVERS = ("auto", "al", "fista", "cvxpy", "clarabel", "scs") + _NONCONVEX
+_SOLVERS = ("auto", "admm", "al", "fista", "cvxpy", "clarabel", "scs") + _NONCONVEX
 
 
 class _ConvexBNBase(BaseEstimator):
@@ -96,7 +96,7 @@ class _ConvexBNBase(BaseEstimator):
             solver = self.solver
             if solver == "auto":
                 small = 2 * D.shape[1] * X.shape[0] * wh.q * Y.shape[0] <= 4e5
-                solver = "cvxpy" if (small or self.loss == "hinge") else "al"
+                solver = "cvxpy" if (small or self.loss == "hinge") else "admm"
             kw = {} if solver in ("cvxpy", "clarabel", "scs") else {
                 "max_iter": self.max_iter, "device": self.device, "verbose": self.verbose}
             sol = solve(prob, solver, tol=self.tol, **kw)
@@ -142,7 +142,7 @@ class ConvexBNRegressor(RegressorMixin, _ConvexBNBase):
     """Squared-loss regression with a two-layer BN-ReLU network trained to global optimality.
 
     Parameters: ``beta`` (weight decay of (NC)), ``n_patterns`` (gates sampled), ``pattern_space``
-    ("whitened"/"raw"), ``solver`` ("auto": closed form / Clarabel if small / augmented Lagrangian;
+    ("whitened"/"raw"), ``solver`` ("auto": closed form / Clarabel if small / ADMM;
     "al", "fista" (gated relaxation), "cvxpy", "clarabel", "scs", or "gd"/"sgd"/"adam" for the
     non-convex baseline), ``k`` (E1 truncation), ``spectral_p`` (E2), ``closed_form`` ("auto"/"never").
     Multi-output y (n, C) is solved one-vs-all."""
