@@ -23,7 +23,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--patterns", type=int, default=200, help="number of sampled gates")
     p.add_argument("--pattern-space", default="whitened", choices=["whitened", "raw"])
     p.add_argument("--solver", default="auto",
-                   choices=["auto", "admm", "al", "fista", "cvxpy", "clarabel", "scs", "gd", "sgd", "adam"])
+                   choices=["auto", "admm", "admm-network", "al", "fista", "cvxpy", "clarabel", "scs", "gd", "sgd",
+                            "adam"])
     p.add_argument("--k", type=int, default=None, help="truncated whitening: keep the top-k directions (E1)")
     p.add_argument("--spectral-p", type=float, default=0.0, help="soft spectral weighting exponent (E2)")
     p.add_argument("--no-closed-form", action="store_true", help="force the iterative solver")

@@ -28,7 +28,7 @@ from .solvers import ConvexSolution, solve
 __all__ = ["ConvexBNRegressor", "ConvexBNClassifier"]
 
 _NONCONVEX = ("gd", "sgd", "adam")
-_SOLVERS = ("auto", "admm", "al", "fista", "cvxpy", "clarabel", "scs") + _NONCONVEX
+_SOLVERS = ("auto", "admm", "admm-network", "al", "fista", "cvxpy", "clarabel", "scs") + _NONCONVEX
 
 
 class _ConvexBNBase(BaseEstimator):
@@ -143,7 +143,8 @@ class ConvexBNRegressor(RegressorMixin, _ConvexBNBase):
 
     Parameters: ``beta`` (weight decay of (NC)), ``n_patterns`` (gates sampled), ``pattern_space``
     ("whitened"/"raw"), ``solver`` ("auto": closed form / Clarabel if small / ADMM;
-    "al", "fista" (gated relaxation), "cvxpy", "clarabel", "scs", or "gd"/"sgd"/"adam" for the
+    "admm", "admm-network" (certifies the recovered network, solvers.admm_solve), "al", "fista" (gated
+    relaxation), "cvxpy", "clarabel", "scs", or "gd"/"sgd"/"adam" for the
     non-convex baseline), ``k`` (E1 truncation), ``spectral_p`` (E2), ``closed_form`` ("auto"/"never").
     Multi-output y (n, C) is solved one-vs-all."""
 

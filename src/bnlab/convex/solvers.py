@@ -29,7 +29,7 @@ from .problem import ConvexBNProblem
 __all__ = ["ConvexSolution", "ConvergenceWarning", "solve", "fista", "augmented_lagrangian", "solve_cvxpy",
            "admm_solve", "SOLVERS"]
 
-SOLVERS = ("auto", "admm", "al", "fista", "cvxpy", "clarabel", "scs")
+SOLVERS = ("auto", "admm", "admm-network", "al", "fista", "cvxpy", "clarabel", "scs")
 
 
 class ConvergenceWarning(UserWarning):
@@ -312,7 +312,8 @@ def solve(prob: ConvexBNProblem, solver: str = "al", tol: float = 1e-8, max_iter
           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, verbose: bool = False,
           **kwargs) -> ConvexSolution:
     """Dispatch: ``solver`` in {"auto" (= "admm", or "al" for pooled problems), "admm" (exact; ``gated=True``
-    for the relaxation), "al" (exact), "fista" (gated relaxation), "cvxpy"/"clarabel"/"scs"}."""
+    for the relaxation), "admm-network" (= "admm" with ``certify="network"``), "al" (exact), "fista" (gated
+    relaxation), "cvxpy"/"clarabel"/"scs"}."""
     if not isinstance(solver, str) or solver.lower() not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
     s = solver.lower()
@@ -324,6 +325,8 @@ def solve(prob: ConvexBNProblem, solver: str = "al", tol: float = 1e-8, max_iter
     if s == "al":
         kwargs.setdefault("constraint_tol", tol)
         return augmented_lagrangian(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
-    if s == "admm":
+    if s in ("admm", "admm-network"):
+        if s == "admm-network":
+            kwargs["certify"] = "network"
         return admm_solve(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
     return fista(p, tol=tol, max_iter=max_iter, verbose=verbose, **kwargs)
