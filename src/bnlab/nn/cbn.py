@@ -349,7 +349,8 @@ class CompleteBatchNorm(nn.Module):
     def _fast(stats: BatchStats, x: Tensor) -> bool:
         """True when ``stats`` normalises ``x`` with its own batch moments, unsynchronised, in
         x's dtype (fp32/fp64): the case the fused autograd Functions below implement."""
-        return ((stats.training or not stats.track_running_stats) and x.dtype in _FAST_DTYPES
+        return (type(x) is torch.Tensor and not torch.fx._symbolic_trace.is_fx_tracing()
+                and (stats.training or not stats.track_running_stats) and x.dtype in _FAST_DTYPES
                 and not (stats.sync_stats and world_size(stats.process_group) > 1))
 
     @staticmethod
