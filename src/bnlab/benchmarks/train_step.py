@@ -31,7 +31,7 @@ TARGET = 1.15
 PAIRS = [("bn", "sgd"), ("bn", "psi-sgdm"), ("cbn", "sgd"), ("cbn", "psi-sgdm"), ("pbn", "sgd"),
          ("pbn", "gsgd")]
 #: pairs also timed with the proposed CBN forward (:mod:`.proposals`) swapped in
-PROPOSED = [("cbn", "sgd"), ("cbn", "psi-sgdm")]
+PROPOSED: list[tuple[str, str]] = []  # rows timing a proposed (not yet adopted) module; none now
 CIFAR = "/work/shared/data/cifar10.npz"
 
 
