@@ -31,17 +31,17 @@ def suite(quick: bool = False, data_dir: str | None = None) -> Suite:
             gd = (("adam", {"lr": 1e-2, "epochs": 100, "width": 50}),)
             P = 30
         else:
-            setups = [("cifar10 2-class", "cifar10", root / "cifar10.npz", [0, 1], 500, 1.0, (10, 30)),
-                      ("fashion 2-class", "fashion_mnist", root / "fashion_mnist.npz", [0, 6], 500, 1.0, (10, 30))]
+            setups = [("cifar10 2-class", "cifar10", root / "cifar10.npz", [0, 1], 2000, 1.0, (10, 50)),
+                      ("fashion 2-class", "fashion_mnist", root / "fashion_mnist.npz", [0, 6], 2000, 1.0, (10, 50))]
             gd = (("adam", {"lr": 1e-2, "epochs": 300, "width": 100}),
                   ("sgd", {"lr": 1e-5, "epochs": 100, "width": 100, "batch_size": 100}))
-            P = 50
+            P = 300
         rows = []
         for seed in seeds[:1] if q else seeds:
             for label, name, r, classes, n, beta, ks in setups:
                 Xtr, ytr, Xte, yte = load_flat(name, str(r) if r else None, classes, n, 1000, seed)
                 for row in compare_convex_vs_nonconvex(Xtr, ytr, Xte, yte, beta, P, ks, gd, seed,
-                                                       solver="clarabel"):
+                                                       solver="clarabel" if q else "admm-network", tol=1e-4):
                     row.update(data=f"{label} n={n} beta={beta} seed={seed}")
                     rows.append(row)
         out_dir.mkdir(parents=True, exist_ok=True)
