@@ -149,3 +149,20 @@ def test_admm_network_certificate_bounds_the_recovered_network():
     nc = float(nc_objective(net, T(X), T(y), 0.1))
     assert abs(nc - sol.objective) <= 1e-8 * sol.objective          # the certified value is the network's
     assert nc <= ref.objective * (1 + 1e-5) + 1e-12                 # at least as good as the program optimum
+
+
+def test_estimator_admm_network_reports_its_networks_objective():
+    from sklearn.datasets import load_digits
+
+    from bnlab.convex.estimator import ConvexBNClassifier
+    from bnlab.convex.recover import nc_objective
+
+    X, y = load_digits(return_X_y=True)
+    m = y < 2
+    X, y = X[m][:60], y[m][:60]
+    clf = ConvexBNClassifier(beta=0.1, n_patterns=20, solver="admm-network", tol=1e-5, k=5).fit(X, y)
+    cert = clf.certificate_
+    assert cert["solver"] == "admm-network" and cert["converged"] and clf.score(X, y) > 0.95
+    Y = T(2.0 * y - 1)[:, None]
+    nc = float(nc_objective(clf.to_torch(), T(X), Y, 0.1))
+    assert abs(nc - cert["objective"]) <= 1e-7 * cert["objective"]

@@ -96,7 +96,7 @@ class _ConvexBNBase(BaseEstimator):
             solver = self.solver
             if solver == "auto":
                 small = 2 * D.shape[1] * X.shape[0] * wh.q * Y.shape[0] <= 4e5
-                solver = "cvxpy" if (small or self.loss == "hinge") else "admm"
+                solver = "cvxpy" if (small or self.loss == "hinge") else "admm-network"
             kw = {} if solver in ("cvxpy", "clarabel", "scs") else {
                 "max_iter": self.max_iter, "device": self.device, "verbose": self.verbose}
             sol = solve(prob, solver, tol=self.tol, **kw)
@@ -142,7 +142,7 @@ class ConvexBNRegressor(RegressorMixin, _ConvexBNBase):
     """Squared-loss regression with a two-layer BN-ReLU network trained to global optimality.
 
     Parameters: ``beta`` (weight decay of (NC)), ``n_patterns`` (gates sampled), ``pattern_space``
-    ("whitened"/"raw"), ``solver`` ("auto": closed form / Clarabel if small / ADMM;
+    ("whitened"/"raw"), ``solver`` ("auto": closed form / Clarabel if small / "admm-network";
     "admm", "admm-network" (certifies the recovered network, solvers.admm_solve), "al", "fista" (gated
     relaxation), "cvxpy", "clarabel", "scs", or "gd"/"sgd"/"adam" for the
     non-convex baseline), ``k`` (E1 truncation), ``spectral_p`` (E2), ``closed_form`` ("auto"/"never").
