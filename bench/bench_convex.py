@@ -71,14 +71,21 @@ def _timed(fn, *a, **k):
 
 
 def bench_rows(quick: bool = True, tol: float = 1e-4, sizes=None, pyscnn: bool = True,
-               pyscnn_tol: float = 1e-6) -> list[dict]:
+               pyscnn_tol: float = 1e-6, program_max_iter: int = 5000) -> list[dict]:
     """One row per (size, baseline): ``ours_ms`` = bnlab ADMM to a certified gap <= tol, ``baseline_ms`` =
-    the baseline's time at tolerance ``tol`` (Clarabel/SCS) or pyscnn_tol; ``ratio`` = baseline/ours."""
+    the baseline's time at tolerance ``tol`` (Clarabel/SCS) or pyscnn_tol; ``ratio`` = baseline/ours.
+    The "program" ADMM run stops at ``program_max_iter`` (then ``certified`` is False)."""
+    return [r for rows in iter_rows(quick, tol, sizes, pyscnn, pyscnn_tol, program_max_iter) for r in rows]
+
+
+def iter_rows(quick: bool = True, tol: float = 1e-4, sizes=None, pyscnn: bool = True, pyscnn_tol: float = 1e-6,
+              program_max_iter: int = 5000):
+    """As :func:`bench_rows`, yielding the rows of one size at a time."""
     torch.set_num_threads(1)
     if os.environ.get("PYSCNN_PATH") and os.environ["PYSCNN_PATH"] not in sys.path:
         sys.path.insert(0, os.environ["PYSCNN_PATH"])
-    rows = []
     for n, k, gates in sizes or (QUICK_SIZES if quick else FULL_SIZES):
+        rows = []
         label, X, y, beta = _data(n)
         n = len(y)
         wh = whiten(X, k)
@@ -89,7 +96,7 @@ def bench_rows(quick: bool = True, tol: float = 1e-4, sizes=None, pyscnn: bool =
             cl, t_cl = _timed(solve, prob, "clarabel", tol=tol,
                               solver_opts={"tol_gap_rel": tol, "tol_gap_abs": tol, "tol_feas": 1e-6})
             scs, t_scs = _timed(solve, prob, "scs", tol=tol, solver_opts={"eps_abs": tol, "eps_rel": tol})
-            ours, t_ours = _timed(solve, prob, "admm", tol=tol, max_iter=100000)
+            ours, t_ours = _timed(solve, prob, "admm", tol=tol, max_iter=program_max_iter)
             net, t_net = _timed(solve, prob, "admm", tol=tol, max_iter=100000, certify="network")
             ps = run_pyscnn(wh.Up, y, beta, gates, 0, pyscnn_tol) if pyscnn else None
         p_ref = cl.objective
@@ -111,7 +118,7 @@ def bench_rows(quick: bool = True, tol: float = 1e-4, sizes=None, pyscnn: bool =
                   ours_viol=net.violation, certified=net.converged)
         rows.append(dict(nb, name="ADMM-network vs Clarabel", baseline=cands[0][1], baseline_ms=1e3 * t_cl,
                          ratio=t_cl / t_net, baseline_rel=0.0, baseline_viol=cl.violation))
-    return rows
+        yield rows
 
 
 def main(argv=None) -> int:
@@ -121,14 +128,17 @@ def main(argv=None) -> int:
     ap.add_argument("--pyscnn-tol", type=float, default=1e-6, help="pyscnn AL tol and constraint_tol")
     ap.add_argument("--no-pyscnn", action="store_true")
     ap.add_argument("--sizes", nargs="*", default=None, help="n,k,gates triples")
+    ap.add_argument("--program-max-iter", type=int, default=5000)
     a = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split(",")) for s in a.sizes] if a.sizes else None
     print(f"tol={a.tol}; times in s; rel = objective relative to Clarabel; ratio = baseline time / ours")
-    print("size | ours s (rel, gap, viol) | baseline | baseline s (rel, viol) | ratio")
-    for r in bench_rows(a.quick, a.tol, sizes, not a.no_pyscnn, a.pyscnn_tol):
-        print(f"{r['size']} | {r['ours_ms'] / 1e3:.2f} ({r['ours_rel']:+.1e}, {r['gap']:.1e}, {r['ours_viol']:.0e}) | "
-              f"{r['baseline']} | {r['baseline_ms'] / 1e3:.2f} ({r['baseline_rel']:+.1e}, {r['baseline_viol']:.0e}) | "
-              f"x{r['ratio']:.2f}", flush=True)
+    print("size | row | ours s (rel, gap, viol, certified) | baseline | baseline s (rel, viol) | ratio")
+    for rows in iter_rows(a.quick, a.tol, sizes, not a.no_pyscnn, a.pyscnn_tol, a.program_max_iter):
+        for r in rows:
+            print(f"{r['size']} | {r['name']} | {r['ours_ms'] / 1e3:.2f} ({r['ours_rel']:+.1e}, {r['gap']:.1e}, "
+                  f"{r['ours_viol']:.0e}, certified={r['certified']}) | {r['baseline']} | "
+                  f"{r['baseline_ms'] / 1e3:.2f} ({r['baseline_rel']:+.1e}, {r['baseline_viol']:.0e}) | "
+                  f"x{r['ratio']:.2f}", flush=True)
     return 0
 
 
