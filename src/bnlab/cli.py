@@ -42,7 +42,9 @@ _TRAIN_FLAGS: dict[str, str] = {
     "compile": "torch.compile the model (true/false)", "deterministic": "deterministic algorithms",
     "sync_stats": "synchronise norm statistics across processes (true/false)",
     "eval_every": "evaluate every N epochs", "diagnostics_every": "log three_effects every N epochs",
-    "checkpoint_every": "checkpoint every N epochs", "max_steps_per_epoch": "cap on steps per epoch",
+    "checkpoint_every": "checkpoint every N epochs",
+    "threads": "intra-op CPU threads (default: torch's; 1 is fastest for tiny models)",
+    "max_steps_per_epoch": "cap on steps per epoch",
 }
 
 

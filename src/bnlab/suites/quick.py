@@ -13,7 +13,7 @@ from . import Suite
 def suite(quick: bool = False, data_dir: str | None = None) -> Suite:
     epochs = 4 if quick else 15
     base = RunConfig(model="mlp", data="digits", epochs=epochs, batch_size=64, lr=0.1, momentum=0.9,
-                     weight_decay=5e-4, schedule="cosine", augment=False)
+                     weight_decay=5e-4, schedule="cosine", augment=False, threads=1)
     plain = dict(momentum=0.0, weight_decay=1e-4, schedule="multistep")  # the Path-BN paper's recipe
     configs = [
         base.replace(name="none + SGD(m)", norm="none", lr=0.05),

@@ -70,6 +70,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = True
+    threads: int | None = None        # intra-op CPU threads (None: torch's default); 1 suits tiny models
     sync_stats: bool = True           # synchronise norm statistics across processes under DDP
     eval_every: int = 1
     diagnostics_every: int = 0        # log three_effects every N epochs (0: never)
@@ -107,7 +108,7 @@ class RunConfig:
             raise ConfigError(f"config field 'gamma': got {self.gamma!r}, expected in (0, 1]")
         if any(not 0.0 < m < 1.0 for m in self.milestones):
             raise ConfigError(f"config field 'milestones': got {self.milestones!r}, expected fractions in (0, 1)")
-        for name in ("train_subset", "test_subset", "max_steps_per_epoch"):
+        for name in ("train_subset", "test_subset", "max_steps_per_epoch", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"config field {name!r}: got {v!r}, expected None or an int >= 1")

@@ -253,9 +253,13 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False,
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config field 'device': got 'cuda' but CUDA is not available; expected 'cpu' or 'auto'")
     info = setup_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
         return _train(cfg, info, resume, quiet, stop_after_epochs)
     finally:
+        torch.set_num_threads(threads)
         if info.distributed:
             cleanup_distributed()
 
