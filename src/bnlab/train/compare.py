@@ -78,8 +78,9 @@ def run_suite(suite: Suite, out: str | Path, seeds: list[int] | None = None, qui
         md += [suite.notes, ""]
     cfg0 = suite.configs[0] if suite.configs else None
     if cfg0 is not None:
-        md += [f"Data: `{cfg0.data}` (train subset {cfg0.train_subset}, test subset {cfg0.test_subset}); "
-               f"seeds {seeds}; {cfg0.epochs} epochs.", ""]
+        sizes = ("full splits" if cfg0.train_subset is None and cfg0.test_subset is None
+                 else f"train subset {cfg0.train_subset or 'all'}, test subset {cfg0.test_subset or 'all'}")
+        md += [f"Data: `{cfg0.data}` ({sizes}); seeds {seeds}; {cfg0.epochs} epochs.", ""]
     md += [format_table(runs, extra=suite.columns), ""]
     if skipped:
         md += ["Skipped:", *skipped, ""]
