@@ -106,3 +106,12 @@ def test_compile_runs(tmp_path):
     pytest.importorskip("torch._dynamo")
     s = train(_cfg(tmp_path, model="mlp", compile=True, epochs=1, max_steps_per_epoch=2), quiet=True)
     assert s["epochs"] == 1
+
+
+@pytest.mark.parametrize("model", ["mlp", "plainnet18", "plainnet34", "resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("optim", ["gsgd", "sgd"])
+def test_trainer_runs_every_pbn_model(tmp_path, model, optim):
+    s = train(_cfg(tmp_path, model=model, norm="pbn", optim=optim, width=0.0625, epochs=1, max_steps_per_epoch=2,
+                   batch_size=16, train_subset=64, test_subset=32, momentum=0.0, weight_decay=1e-4, augment=False),
+              quiet=True)
+    assert s["epochs"] == 1 and s["train_loss"] == s["train_loss"]
