@@ -20,14 +20,6 @@ ACTS = ["sigmoid", "tanh", "relu", "selu", "silu"]
 POST_STD = ["decoupled", "post_bn", "double"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomize(m: nn.Module) -> None:
     """Random positive scales and random shifts in every affine parameter."""

@@ -14,14 +14,6 @@ import bnlab
 from bnlab.diagnostics import ThreeEffects, three_effects
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_bn_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()

@@ -318,7 +318,8 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bnlab", "train", "--config", str(cfg)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["bnlab train: error: config field 'lr': got nan, expected a finite number"]
+    expected = "bnlab train: error: config field 'lr': got nan, expected a finite number"
+    assert proc.stderr.strip().splitlines() == [expected]
 
 
 def test_unknown_data_option_is_refused(tmp_path, capsys):

@@ -16,14 +16,6 @@ from bnlab.optim import find_scale_invariant, invariance
 from bnlab.optim.invariance import analyse_scale_invariance, probe_invariance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def verdicts(model: nn.Module, x: torch.Tensor, mode: str = "fx") -> dict[str, bool]:
     return {r.module: r.invariant for r in analyse_scale_invariance(model, x, mode=mode)}
 

@@ -17,14 +17,6 @@ from bnlab.optim import PSISGD, make_optimizer, psi_param_groups
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 nets: one thread is fastest on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Net(nn.Module):
     """The spec's Sec. 2.7 net: conv(bias)-BN-ReLU-pool, conv-BN-ReLU-pool, Linear(bias)-BN1d-ReLU, fc."""
