@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ["vanilla", "decoupled", "post_bn", "double", "split_post", "post_center"]
+PRESETS = ["vanilla", "decoupled", "post_bn", "double", "split_pre", "split_post", "post_center"]
 ACTS = ["sigmoid", "tanh", "selu", "relu", "silu"]
 
 
