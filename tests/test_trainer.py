@@ -115,3 +115,12 @@ def test_trainer_runs_every_pbn_model(tmp_path, model, optim):
                    batch_size=16, train_subset=64, test_subset=32, momentum=0.0, weight_decay=1e-4, augment=False),
               quiet=True)
     assert s["epochs"] == 1 and s["train_loss"] == s["train_loss"]
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "relu", "selu", "silu"])
+def test_trainer_runs_cbn_for_every_activation(tmp_path, act):
+    s = train(_cfg(tmp_path, norm="cbn", act=act, epochs=1, max_steps_per_epoch=3, train_subset=128,
+                   test_subset=64, diagnostics_every=1, diagnostics_batches=2), quiet=True)
+    assert s["train_loss"] == s["train_loss"] and 0.0 <= s["test_acc"] <= 1.0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["diag/grad_sq_norm"] > 0
