@@ -41,29 +41,8 @@ def configs(args: argparse.Namespace):
                 )
 
 
-def _cache_datasets() -> None:
-    """Load each dataset once per process: the trainer's prepare_data re-reads and verifies the
-    CIFAR-10 archive on every run (~10 s CPU), which would double the sweep's cost."""
-    from bnlab.train import trainer
-
-    if getattr(trainer.prepare_data, "_cbn_cached", False):
-        return
-    original, cache = trainer.prepare_data, {}
-
-    def prepare_data(cfg):
-        key = (cfg.data, cfg.data_dir, cfg.train_subset, cfg.test_subset)
-        if key not in cache:
-            cache[key] = original(cfg)
-        return cache[key]
-
-    prepare_data._cbn_cached = True
-    trainer.prepare_data = prepare_data
-
-
 def run(args: argparse.Namespace) -> None:
     from bnlab.train import train
-
-    _cache_datasets()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

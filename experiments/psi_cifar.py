@@ -49,24 +49,6 @@ def make_config(args: argparse.Namespace, method: str, lr: float, seed: int):
     )
 
 
-def _cache_datasets() -> None:
-    """Load the CIFAR-10 subset once per process (the trainer re-reads the archive on every run)."""
-    from bnlab.train import trainer
-
-    if getattr(trainer.prepare_data, "_psi_cached", False):
-        return
-    original, cache = trainer.prepare_data, {}
-
-    def prepare_data(cfg):
-        key = (cfg.data, cfg.data_dir, cfg.train_subset, cfg.test_subset)
-        if key not in cache:
-            cache[key] = original(cfg)
-        return cache[key]
-
-    prepare_data._psi_cached = True
-    trainer.prepare_data = prepare_data
-
-
 def _load(out: Path) -> list[dict]:
     path = out / "results.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -103,7 +85,6 @@ def best_lr(rows: list[dict], method: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    _cache_datasets()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = {r["name"] for r in _load(out)}
