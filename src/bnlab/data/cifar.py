@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .archives import md5_bytes, read_tar_members
-from .dataset import ImageDataset, from_numpy
+from .dataset import ImageDataset, from_numpy, reject_unknown_options
 from .safe_pickle import safe_loads
 
 __all__ = ["load_cifar10", "load_cifar100", "find_source", "CifarSpec", "SPECS", "decode_batch"]
@@ -219,11 +219,6 @@ def _load(
     )
 
 
-def _no_extra(name: str, kwargs: dict, accepted: str) -> None:
-    if kwargs:
-        raise TypeError(f"{name}: unexpected keyword argument(s) {sorted(kwargs)}; accepted: {accepted}")
-
-
 def load_cifar10(
     root: str | os.PathLike | None = None,
     download: bool = False,
@@ -232,7 +227,7 @@ def load_cifar10(
     **kwargs: object,
 ) -> ImageDataset:
     """CIFAR-10: train (50000, 3, 32, 32), test (10000, 3, 32, 32) uint8, 10 classes."""
-    _no_extra("cifar10", kwargs, "root, download, verify, progress")
+    reject_unknown_options("cifar10", kwargs, "root, download, verify, progress")
     return _load("cifar10", root, download, verify, "", progress)
 
 
@@ -245,5 +240,5 @@ def load_cifar100(
     **kwargs: object,
 ) -> ImageDataset:
     """CIFAR-100: same shapes; ``label_mode="fine"`` (100 classes) or ``"coarse"`` (20 superclasses)."""
-    _no_extra("cifar100", kwargs, "root, download, verify, label_mode, progress")
+    reject_unknown_options("cifar100", kwargs, "root, download, verify, label_mode, progress")
     return _load("cifar100", root, download, verify, label_mode, progress)

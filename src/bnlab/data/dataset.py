@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ImageDataset", "from_numpy", "stratified_subset"]
+__all__ = ["ImageDataset", "from_numpy", "reject_unknown_options", "stratified_subset"]
 
 
 @dataclass
@@ -142,3 +142,10 @@ def from_numpy(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
         if len(x) != len(y):
             raise ValueError(f"{name}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
     return ImageDataset(name, xtr, ytr, xte, yte, list(classes), **kwargs)
+
+
+def reject_unknown_options(name: str, kwargs: dict, accepted: str) -> None:
+    """Raise ``TypeError`` naming loader options ``name`` does not take (``bnlab.data.load`` turns it
+    into a ``ValueError`` for users)."""
+    if kwargs:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {sorted(kwargs)}; accepted: {accepted}")

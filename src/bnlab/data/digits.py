@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dataset import ImageDataset, from_numpy
+from .dataset import ImageDataset, from_numpy, reject_unknown_options
 
 __all__ = ["load_digits"]
 
@@ -15,9 +15,7 @@ def load_digits(root=None, download: bool = False, test_fraction: float = 0.25, 
     (``test_fraction`` of each class to test, chosen by ``split_seed``)."""
     from sklearn.datasets import load_digits as sk_load
 
-    if kwargs:
-        raise TypeError(f"digits: unexpected keyword argument(s) {sorted(kwargs)}; accepted: "
-                        "root, download, test_fraction, split_seed")
+    reject_unknown_options("digits", kwargs, "root, download, test_fraction, split_seed")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"digits: test_fraction must be in (0, 1), got {test_fraction!r}")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .archives import DEFAULT_MAX_BYTES, read_bytes
-from .dataset import ImageDataset, from_numpy
+from .dataset import ImageDataset, from_numpy, reject_unknown_options
 
 __all__ = ["load_mnist", "load_fashion_mnist", "parse_idx", "read_idx", "find_source", "IDX_FILES"]
 
@@ -213,18 +213,11 @@ def _load(name: str, root: str | os.PathLike | None, download: bool, progress: b
     )
 
 
-def _no_extra(name: str, kwargs: dict) -> None:
-    if kwargs:
-        raise TypeError(
-            f"{name}: unexpected keyword argument(s) {sorted(kwargs)}; accepted: root, download, progress"
-        )
-
-
 def load_mnist(
     root: str | os.PathLike | None = None, download: bool = False, progress: bool = True, **kwargs: object
 ) -> ImageDataset:
     """MNIST: train (60000, 1, 28, 28), test (10000, 1, 28, 28) uint8; see the module doc for ``root``."""
-    _no_extra("mnist", kwargs)
+    reject_unknown_options("mnist", kwargs, "root, download, progress")
     return _load("mnist", root, download, progress)
 
 
@@ -232,5 +225,5 @@ def load_fashion_mnist(
     root: str | os.PathLike | None = None, download: bool = False, progress: bool = True, **kwargs: object
 ) -> ImageDataset:
     """Fashion-MNIST: same shapes and formats as MNIST, classes T-shirt/top ... Ankle boot."""
-    _no_extra("fashion_mnist", kwargs)
+    reject_unknown_options("fashion_mnist", kwargs, "root, download, progress")
     return _load("fashion_mnist", root, download, progress)
