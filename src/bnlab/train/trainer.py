@@ -256,12 +256,15 @@ def train(cfg: RunConfig, resume: bool = False, quiet: bool = False,
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    finished = False
     try:
-        return _train(cfg, info, resume, quiet, stop_after_epochs)
+        result = _train(cfg, info, resume, quiet, stop_after_epochs)
+        finished = True
+        return result
     finally:
         torch.set_num_threads(threads)
         if info.distributed:
-            cleanup_distributed()
+            cleanup_distributed(synchronize=finished)
 
 
 def _train(cfg: RunConfig, info: DistInfo, resume: bool, quiet: bool,
