@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import make_activation
@@ -263,6 +264,167 @@ class _SplitPreReLU(torch.autograd.Function):
         return dh, dg, s * a_sum if be is not None else None, None
 
 
+def _inplace_affine(t: Tensor, s: Tensor | None, c: Tensor | None) -> Tensor:
+    """``t = t * s + c`` in place (s, c (C,) or None), one pass; t must be a tensor we own."""
+    sv, cv = _view(s, t), _view(c, t)
+    if sv is not None and cv is not None:
+        return torch.addcmul(cv, t, sv, out=t)
+    if sv is not None:
+        return t.mul_(sv)
+    return t if cv is None else t.add_(cv)
+
+
+def _masked_relu_grad(t: Tensor, r: Tensor) -> Tensor:
+    """``t * [r > 0]`` in place (ReLU's backward, ``threshold_backward``, written into t)."""
+    return torch.ops.aten.threshold_backward.grad_input(t, r, 0, grad_input=t)
+
+
+class _FusedReLU(torch.autograd.Function):
+    """One CBN layer with ReLU (every preset but split_pre), cbn.md Sec. 5.1::
+
+        z = A1(N1(h)),  r = relu(z),  y = A2(N2(r))
+
+    N1 in {none, standardize, center}, N2 in {none, standardize, center, scale_post} (batch moments
+    (C,) of h resp. r), A1 = (w1, b1), A2 = (w2, b2), each weight/bias (C,) or None. Returns
+    ``(y, stats)``, stats (4, C) = (mean_h, var_h, mean_r, var_r) (biased; zeros for an absent norm),
+    non-differentiable, for the running buffers.
+
+    Forward: :func:`_moments` (no allocation), one kernel pass for ``N1+A1`` (``F.batch_norm`` in
+    inference mode with the batch moments, i.e. ``(h - mu) * rstd * w1 + b1``), ReLU in place,
+    moments of r, one pass for ``N2+A2``: two full-size allocations (r, y), BN+ReLU makes two.
+    Backward with ``A = sum(dy)``, ``B = sum(dy * (r - mu_r))`` (one ``_sums`` pass), post stage
+    ``dr = s2 * dy + k2 * r + c2`` (standardize: ``s2 = w2 rstd``, ``k2 = -s2 rstd^2 B / n``;
+    center: ``k2 = 0``; scale_post: ``k2 = -w2 rstd^3 (B + mu A) / n``), masked in place by
+    ``[r > 0]``, then the pre stage in place on the same buffer (BN's backward, Ioffe & Szegedy
+    2015 Alg. 1, ``dh = s1 * (dz - A1 / n) + k1 * (h - mu_h)``): one allocation, which becomes dh.
+    Under ``create_graph`` the plain autograd reference :meth:`_ref` runs instead.
+    """
+
+    @staticmethod
+    def _ref(h: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
+             pre: str, post: str, eps1: float, eps2: float) -> Tensor:
+        def norm(x: Tensor, mode: str, eps: float) -> Tensor:
+            if mode == "none":
+                return x
+            var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0, keepdim=True)
+            if mode == "center":
+                return x - mean
+            if mode == "scale_post":
+                return x * torch.rsqrt(var + eps)
+            return (x - mean) * torch.rsqrt(var + eps)
+
+        def aff(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+            x = x if w is None else x * _view(w, x)
+            return x if b is None else x + _view(b, x)
+
+        r = torch.relu(aff(norm(h, pre, eps1), w1, b1))
+        return aff(norm(r, post, eps2), w2, b2)
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, w1: Tensor | None, b1: Tensor | None, w2: Tensor | None,
+                b2: Tensor | None, pre: str, post: str, eps1: float, eps2: float) -> tuple[Tensor, Tensor]:
+        stats = h.new_zeros(4, h.shape[1])
+        m1 = rstd1 = m2 = rstd2 = None
+        if pre == "none":
+            r = torch.relu(h) if w1 is None and b1 is None else torch.relu_(channel_affine(h, w1, b1))
+        else:
+            v1, m1 = _moments(h)
+            stats[0], stats[1] = m1, v1
+            if pre == "standardize":
+                rstd1 = torch.rsqrt(v1 + eps1)
+                r = F.batch_norm(h, m1, v1, w1, b1, False, 0.0, eps1)
+            else:  # center: (h - mu) * w1 + b1
+                shift = -m1 if w1 is None else -m1 * w1
+                r = channel_affine(h, w1, shift if b1 is None else shift + b1)
+            torch.relu_(r)
+        y = r if w2 is None and b2 is None else channel_affine(r, w2, b2)  # post == "none"
+        if post != "none":
+            v2, m2 = _moments(r)
+            stats[2], stats[3] = m2, v2
+            if post == "standardize":
+                rstd2 = torch.rsqrt(v2 + eps2)
+                y = F.batch_norm(r, m2, v2, w2, b2, False, 0.0, eps2)
+            elif post == "center":
+                shift = -m2 if w2 is None else -m2 * w2
+                y = channel_affine(r, w2, shift if b2 is None else shift + b2)
+            else:  # scale_post: r * rstd * w2 + b2
+                rstd2 = torch.rsqrt(v2 + eps2)
+                y = channel_affine(r, rstd2 if w2 is None else rstd2 * w2, b2)
+        ctx.save_for_backward(h, r, w1, b1, w2, b2, m1, rstd1, m2, rstd2)
+        ctx.cfg = (pre, post, eps1, eps2)
+        ctx.mark_non_differentiable(stats)
+        return y, stats
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _stats: Any) -> tuple[Any, ...]:
+        h, r, w1, b1, w2, b2, m1, rstd1, m2, rstd2 = ctx.saved_tensors
+        pre, post, eps1, eps2 = ctx.cfg
+        if torch.is_grad_enabled():
+            return _grads_by_autograd(ctx, _FusedReLU._ref, dy, (h, w1, b1, w2, b2, *ctx.cfg))
+        n = h.numel() // h.shape[1]
+        dw1 = db1 = dw2 = db2 = None
+        # post stage: dr = s2 * dy + k2 * r + c2, then dz = dr * [r > 0]
+        if post == "none" and w2 is None and b2 is None:
+            t = torch.ops.aten.threshold_backward(dy, r, 0)
+        elif post == "none":  # y = r * w2 + b2
+            dw2, db2 = _sums(dy, r, r.new_zeros(r.shape[1]))
+            t = _masked_relu_grad(channel_affine(dy, w2, None) if w2 is not None else dy.clone(), r)
+        else:
+            b_sum, a_sum = _sums(dy, r, m2)  # sum(dy * (r - mu)), sum(dy)
+            k2 = None
+            if post == "standardize":
+                s2 = rstd2 if w2 is None else rstd2 * w2
+                k2 = -s2 * rstd2 * rstd2 * b_sum / n
+                c2 = -s2 * a_sum / n - k2 * m2
+                dw2 = rstd2 * b_sum
+            elif post == "center":
+                s2 = w2
+                c2 = -a_sum / n if w2 is None else -w2 * a_sum / n
+                dw2 = b_sum
+            else:  # scale_post
+                sdr = b_sum + m2 * a_sum  # sum(dy * r)
+                s2 = rstd2 if w2 is None else rstd2 * w2
+                k2 = -rstd2.pow(3) * (sdr if w2 is None else w2 * sdr) / n
+                c2 = -k2 * m2
+                dw2 = rstd2 * sdr
+            db2 = a_sum
+            t = channel_affine(dy, s2, c2)
+            if k2 is not None:
+                t.addcmul_(r, _view(k2, r))
+            _masked_relu_grad(t, r)
+        # pre stage, in place on t: dh = s1 * t + k1 * h + c1
+        need_w1 = w1 is not None and ctx.needs_input_grad[1]
+        need_b1 = b1 is not None and ctx.needs_input_grad[2]
+        if pre == "none":
+            if need_w1:
+                dw1, db1 = _sums(t, h, h.new_zeros(h.shape[1]))
+            elif need_b1:
+                db1 = t.sum(reduce_dims(t))
+            dh = t if w1 is None else t.mul_(_view(w1, t))
+        else:
+            b_sum, a_sum = _sums(t, h, m1)
+            k1 = None
+            if pre == "standardize":
+                s1 = rstd1 if w1 is None else rstd1 * w1
+                k1 = -s1 * rstd1 * rstd1 * b_sum / n
+                c1 = -s1 * a_sum / n - k1 * m1
+                dw1 = rstd1 * b_sum
+            else:  # center
+                s1 = w1
+                c1 = -a_sum / n if w1 is None else -w1 * a_sum / n
+                dw1 = b_sum
+            db1 = a_sum
+            dh = None
+            if ctx.needs_input_grad[0]:
+                dh = _inplace_affine(t, s1, c1)
+                if k1 is not None:
+                    dh.addcmul_(h, _view(k1, h))
+        if not ctx.needs_input_grad[0]:
+            dh = None
+        return (dh, dw1 if need_w1 else None, db1 if need_b1 else None,
+                dw2 if w2 is not None else None, db2 if b2 is not None else None, None, None, None, None)
+
+
 class CompleteBatchNorm(nn.Module):
     """``post_affine(post_norm(phi(pre_affine(pre_norm(h)))))`` (cbn.md Sec. 5.1).
 
@@ -282,6 +444,10 @@ class CompleteBatchNorm(nn.Module):
     ``pre_affine_bias``, ``post_affine_weight``, ``post_affine_bias``. With ``post_norm="scale_pre"``
     (split_pre) ``pre_affine_weight`` multiplies *after* phi and ``pre_affine_bias`` is added before.
     """
+
+    #: use the fused closed-form path (:class:`_FusedReLU`, ``_SplitPreReLU``, ...) where it applies;
+    #: ``False`` on an instance forces the plain ``BatchStats``/autograd path (the tests' reference).
+    fused: bool = True
 
     def __init__(
         self,
@@ -350,6 +516,7 @@ class CompleteBatchNorm(nn.Module):
         """True when ``stats`` normalises ``x`` with its own batch moments, unsynchronised, in
         x's dtype (fp32/fp64): the case the fused autograd Functions below implement."""
         return (type(x) is torch.Tensor and not torch.fx._symbolic_trace.is_fx_tracing()
+                and not torch.compiler.is_compiling()
                 and (stats.training or not stats.track_running_stats) and x.dtype in _FAST_DTYPES
                 and not (stats.sync_stats and world_size(stats.process_group) > 1))
 
@@ -362,6 +529,33 @@ class CompleteBatchNorm(nn.Module):
         if stats.training and stats.track_running_stats:
             stats.num_batches_tracked.add_(1)
             update_running_stats(stats, mean, var, x.numel() // x.shape[1])
+        return y
+
+    def _fused_ok(self, h: Tensor) -> bool:
+        """True when the whole layer can run as one :class:`_FusedReLU` call: ReLU, every norm on
+        batch moments (see :meth:`_fast`), parameters in h's dtype, and the fused path enabled."""
+        if not self.fused or type(self.act) is not nn.ReLU or self.post_mode == "scale_pre":
+            return False
+        norms = [s for s in (self.pre_norm, self.post_norm) if s is not None]
+        params = [p for p in (self.pre_affine_weight, self.pre_affine_bias, self.post_affine_weight,
+                              self.post_affine_bias) if p is not None]
+        return (type(h) is torch.Tensor and h.dtype in _FAST_DTYPES and all(self._fast(s, h) for s in norms)
+                and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in params)
+                and all(p.dtype == h.dtype and p.device == h.device for p in params))
+
+    def _fused_forward(self, h: Tensor) -> Tensor:
+        """The layer as one :class:`_FusedReLU` call; running buffers updated with the BN rule."""
+        pre, post = self.pre_norm, self.post_norm
+        if any(s is not None and s.training for s in (pre, post)):
+            check_batch_size(h)
+        y, st = _FusedReLU.apply(h, self.pre_affine_weight, self.pre_affine_bias, self.post_affine_weight,
+                                 self.post_affine_bias, self.pre_mode, self.post_mode,
+                                 pre.eps if pre is not None else 0.0, post.eps if post is not None else 0.0)
+        n = h.numel() // h.shape[1]
+        for i, stats in enumerate((pre, post)):
+            if stats is not None and stats.training and stats.track_running_stats:
+                stats.num_batches_tracked.add_(1)
+                update_running_stats(stats, st[2 * i], st[2 * i + 1], n)
         return y
 
     def _scale_moments(self, stats: BatchStats, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -384,12 +578,14 @@ class CompleteBatchNorm(nn.Module):
         self._check_input(h)
         relu = type(self.act) is nn.ReLU
         if self.post_mode == "scale_pre":  # split_pre: gamma / sigma_B(h) * phi(h - mu_B(h) + beta)
-            if relu and self._fast(self.pre_norm, h):
+            if relu and self.fused and self._fast(self.pre_norm, h):
                 return self._batch_fn(_SplitPreReLU, self.pre_norm, h, self.pre_affine_weight,
                                       self.pre_affine_bias, self.pre_norm.eps)
             return self._split_pre(h, relu)
+        if relu and self._fused_ok(h):
+            return self._fused_forward(h)
         w, b = self.pre_affine_weight, self.pre_affine_bias
-        if self.pre_mode == "center" and self._fast(self.pre_norm, h):
+        if self.pre_mode == "center" and self.fused and self._fast(self.pre_norm, h):
             x = self._batch_fn(_Center, self.pre_norm, h, w, b)
         elif self.pre_norm is not None:
             x = self.pre_norm.standardize(h, w, b)
@@ -399,7 +595,7 @@ class CompleteBatchNorm(nn.Module):
         stats, w, b = self.post_norm, self.post_affine_weight, self.post_affine_bias
         if stats is None:
             return channel_affine(x, w, b)
-        if self.post_mode in ("center", "scale_post") and self._fast(stats, x):
+        if self.post_mode in ("center", "scale_post") and self.fused and self._fast(stats, x):
             fn = _Center if self.post_mode == "center" else _ScaleStd
             return self._batch_fn(fn, stats, x, w, b, *((stats.eps,) if fn is _ScaleStd else ()))
         if self.post_mode == "scale_post":
