@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["foundation", "cbn", "psi", "pbn", "convex", "distributed", "speed", "reliability"]
+ORDER = ["foundation", "cbn", "psi", "pbn", "convex", "convex_solver", "distributed", "speed", "speed_optim",
+         "speed_cbn", "reliability"]
 HEADER = """# bnlab results
 
 Every number bnlab reports, with the exact command, data, seeds and hardware. This file is generated
