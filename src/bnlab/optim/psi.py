@@ -149,8 +149,18 @@ class _FlatLayout:
         self.theta, self.grad, self.scratch = (torch.empty(self.total, dtype=t0.dtype, device=t0.device)
                                                for _ in range(3))
         self.gviews, self.thviews = self.views(self.grad), self.views(self.theta)
+        # the parameters themselves become views of ``theta`` (``p.data = view``, values copied): the
+        # step then reads and writes them as one flat tensor, with no gather (not for non-contiguous
+        # tensors, e.g. channels_last weights: those stay put and are gathered every step)
+        self.flat_params = all(t.is_contiguous() for t in self.ts)
+        if self.flat_params:
+            torch._foreach_copy_(self.thviews, [t.detach() for t in self.ts])
+            for t, v in zip(self.ts, self.thviews):
+                t.data = v
         self.ubuf: Tensor | None = None
         self.uviews: list[Tensor] = []
+        self.ubuf2: Tensor | None = None  # the momentum update is written here, then the two swap
+        self.uviews2: list[Tensor] = []
         # lazily reduced angle telemetry: per-row running sum / max, and the number of steps
         self.ang_sum: Tensor | None = None
         self.ang_max: Tensor | None = None
@@ -201,6 +211,31 @@ class _FlatLayout:
         return [v.view(t.shape) for v, t in zip(flat.split(self.numels), self.ts)]
 
 
+class _FusedLayout:
+    """Cached per-group data of the compiled path (:meth:`PSISGD._psi_step_fused`): the units'
+    weights and biases in unit order, their row ranges (the angle accumulators are per row, in unit
+    order, with the attributes :meth:`PSISGD._flush_angles` reads), the scalar tensor and counters."""
+
+    def __init__(self, key: tuple[Any, ...], params: list[Tensor], units: list[tuple[int, int, int]]) -> None:
+        self.key, self.units = key, units
+        self.ws = [params[wi] for wi, _, _ in units]
+        self.bs: list[Tensor | None] = [None if bi == -1 else params[bi] for _, bi, _ in units]
+        self.row_sizes = [w.shape[0] for w in self.ws]
+        self.row_ranges: list[tuple[int, int]] = []
+        row = 0
+        for n in self.row_sizes:
+            self.row_ranges.append((row, row + n))
+            row += n
+        self.rows = row
+        w0 = self.ws[0]
+        self.scal = torch.zeros(4, dtype=w0.dtype, device=w0.device)  # lr, rho, lam, threshold
+        self.scal_vals: tuple[float, ...] = ()
+        self.ang_sum: Tensor | None = None
+        self.ang_max: Tensor | None = None
+        self.ang_steps = 0
+        self.compiled = False  # the first call compiled successfully
+
+
 class PSISGD(Optimizer):
     """PSI-GD / PSI-SGD / PSI-SGDM (Yi, UAI 2022, eqs. 9-12, Algorithm 1) with SGD groups.
 
@@ -232,6 +267,10 @@ class PSISGD(Optimizer):
             ``{(group_index, w_idx): (running_mean, running_var)}``; rescaled with their unit.
         track_angles: accumulate the angular step per layer for :meth:`telemetry`.
         foreach: passed to ``torch.optim.sgd.sgd`` for the Euclidean groups.
+        fused: ``True``: PSI groups step through one compiled kernel per step
+            (:mod:`bnlab.optim._fused`, ``torch.compile``; no gathers, ~5 passes instead of ~10; the
+            first step compiles, ~10-60 s on CPU). ``False`` (default): the eager paths. Configurations
+            the fast path does not cover, and the invariance-check steps, run eagerly either way.
     """
 
     def __init__(
@@ -257,6 +296,7 @@ class PSISGD(Optimizer):
         bn_stats: nn.Module | Mapping[tuple[int, int], tuple[Tensor, Tensor]] | None = None,
         track_angles: bool = True,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
@@ -272,6 +312,10 @@ class PSISGD(Optimizer):
         self.guard_steps = guard_steps
         self.check_finite = bool(check_finite)
         self.track_angles = bool(track_angles)
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        self.fused = fused
+        self._fused: dict[int, _FusedLayout | None] = {}
         self._steps_done = 0
         self._bn: dict[tuple[int, int], tuple[Tensor | None, Tensor | None]] = {}
         self._layouts: dict[int, _FlatLayout | None] = {}
@@ -408,7 +452,8 @@ class PSISGD(Optimizer):
         guard = self.check_invariance != "off" and self._steps_done < self.guard_steps
         for gi, group in enumerate(self.param_groups):
             if group["psi"]:
-                if not (self._use_fast and self._psi_step_fast(gi, group, guard)):
+                if not (self._use_fast and (self.fused and self._psi_step_fused(gi, group, guard)
+                                            or self._psi_step_fast(gi, group, guard))):
                     self._psi_step(gi, group, guard)
             elif not (self._use_fast and self._sgd_step_flat(gi, group)):
                 self._sgd_step(group)
@@ -509,6 +554,8 @@ class PSISGD(Optimizer):
         ok = dt in (torch.float32, torch.float64) and all(p.dtype == dt and p.device == dev for p in params) \
             and all(od == 0 or params[wi].dim() == 1 for wi, _, od in units)
         lay = _FlatLayout(key, params, units) if ok else None  # type: ignore[arg-type]
+        if lay is not None:
+            lay.key = _layout_key(params) + (id(group["psi_units"]),)  # the parameters moved into it
         self._layouts[gi] = lay
         return lay
 
@@ -549,41 +596,188 @@ class PSISGD(Optimizer):
         if any(g is None or g.is_sparse for g in gs):
             return False
         lr = group["lr"]
-        torch._foreach_copy_(lay.thviews, lay.ts)  # gather into the flat buffers, one dispatch each
-        torch._foreach_copy_(lay.gviews, gs)
+        if not lay.flat_params:
+            torch._foreach_copy_(lay.thviews, lay.ts)  # gather into the flat buffer
+        torch._foreach_copy_(lay.gviews, gs)  # one dispatch
         theta, grad = lay.theta, lay.grad
         if group["maximize"]:
             grad.neg_()
         s = lay.rows_dot(theta)  # s_j = ||w_j||^2 + b_j^2
-        if self.check_finite and bool(~(torch.isfinite(grad.sum() + s.sum()) & (s.amin() > 0))):
-            return False  # the reference path raises the precise error (or proceeds on a false alarm)
         lam = group["psi_weight_decay"]
         if lam != 0:
             grad.add_(theta, alpha=lam)  # coupled L2 (spec Sec. 3.7)
         rgrad = lay.scale_rows_(grad, s)  # Riemannian gradient ||theta||^2 G (eq. 7), in place
         if rho != 0:
-            uviews = self._momentum_views(lay)
-            delta = lay.ubuf
-            delta.mul_(rho).add_(rgrad, alpha=-lr)  # U <- rho U - lr s G   (eq. 11)
-            dviews = uviews
+            self._momentum_views(lay)
+            if lay.ubuf2 is None:
+                lay.ubuf2 = torch.empty_like(lay.ubuf)  # type: ignore[arg-type]
+                lay.uviews2 = lay.views(lay.ubuf2)
+            # U <- rho U - lr s G (eq. 11), written to the second buffer: nothing persistent changes
+            # before the finite check below
+            delta = torch.mul(lay.ubuf, rho, out=lay.ubuf2).add_(rgrad, alpha=-lr)  # type: ignore[arg-type]
+            dviews = lay.uviews2
         else:
             delta = rgrad.mul_(-lr)
             dviews = lay.gviews  # rgrad and delta live in lay.grad
         thr = group["renorm_threshold"]
-        dd = lay.rows_dot(delta) if self.track_angles or thr is not None else None  # ||U_j||^2
+        check = self.check_finite
+        # ||U_j||^2: the guard's triangle bound, the angles, and the finite check (a non-finite G_j
+        # makes U_j non-finite: s_j > 0 is tested too), all from one read of U
+        dd = lay.rows_dot(delta) if check or self.track_angles or thr is not None else None
+        flags = []
+        if check:
+            flags.append(~(torch.isfinite(dd.sum() + s.sum()) & (s.amin() > 0)))  # type: ignore[union-attr]
+        if thr is not None:  # ||theta_j + U_j|| <= ||theta_j|| + ||U_j||
+            flags.append(((s.sqrt() + dd.sqrt()) > thr * (1 - _GUARD_MARGIN)).any())  # type: ignore[union-attr]
+        fl = torch.stack(flags).tolist() if flags else []  # one host sync
+        if check and fl[0]:
+            return False  # nothing written; the reference path raises the precise error
+        near = bool(fl[-1]) if thr is not None else False
+        if rho != 0:
+            lay.ubuf, lay.ubuf2, lay.uviews, lay.uviews2 = lay.ubuf2, lay.ubuf, lay.uviews2, lay.uviews
+            st = self.state
+            for t, v in zip(lay.ts, lay.uviews):
+                st[t]["momentum_buffer"] = v
+        # retraction R_theta(xi) = theta + xi (Prop. 3)
+        if lay.flat_params:
+            theta.add_(delta)
+        else:
+            torch._foreach_add_(lay.ts, dviews)
+            theta.add_(delta)  # the flat copy now equals the updated parameters
+        # exact new norms (as the reference path computes them), for the angles, and for the guard only
+        # when the triangle bound came within _GUARD_MARGIN of the threshold: same decisions, bit for bit
+        n2 = lay.rows_dot(theta) if self.track_angles or near else None
         if self.track_angles:
-            self._accumulate_angles_fast(lay, theta, delta, s, dd)  # type: ignore[arg-type]
-        torch._foreach_add_(lay.ts, dviews)  # retraction R_theta(xi) = theta + xi (Prop. 3)
-        # guard: ||theta_j + U_j|| <= ||theta_j|| + ||U_j||; only when that bound comes within
-        # _GUARD_MARGIN of the threshold are the new norms computed exactly (as the reference path
-        # does), so the decision and the factors are the reference path's, bit for bit.
-        if thr is not None and bool(((s.sqrt() + dd.sqrt()) > thr * (1 - _GUARD_MARGIN)).any()):  # type: ignore[union-attr]
-            nrm = lay.rows_dot(theta.add_(delta)).sqrt()  # theta now equals the updated parameters
+            self._accumulate_angles_fast(lay, s, dd, n2)  # type: ignore[arg-type]
+        if near:
+            nrm = n2.sqrt()  # type: ignore[union-attr]
             fire = nrm > thr
             if bool(fire.any()):
                 c = torch.where(fire, float(group["renorm_target"]) / nrm, torch.ones_like(nrm))
                 self._apply_renorm(gi, group, lay, c, rho != 0)
         return True
+
+    def _fused_layout(self, gi: int, group: dict[str, Any]) -> _FusedLayout | None:
+        """The cached :class:`_FusedLayout` of PSI group ``gi``; None where the compiled path does not
+        apply (mixed or low-precision dtypes, several devices, non-contiguous or transposed-conv units)."""
+        params: list[Tensor] = group["params"]
+        key = _layout_key(params) + (id(group["psi_units"]),)
+        lay = self._fused.get(gi, False)
+        if lay is not False and (lay is None or lay.key == key):
+            return lay
+        if lay:
+            self._flush_angles(gi, lay)  # type: ignore[arg-type]
+        units = [tuple(u) for u in group["psi_units"]]
+        dt, dev = params[0].dtype, params[0].device
+        ok = dt in (torch.float32, torch.float64) and all(
+            p.dtype == dt and p.device == dev and p.is_contiguous() for p in params) \
+            and all(od == 0 or params[wi].dim() == 1 for wi, _, od in units)
+        lay = _FusedLayout(key, params, units) if ok else None  # type: ignore[arg-type]
+        self._fused[gi] = lay
+        return lay
+
+    def _psi_step_fused(self, gi: int, group: dict[str, Any], guard: bool) -> bool:
+        """Algorithm 1 through the compiled kernel :func:`bnlab.optim._fused.psi_update` (``fused=True``).
+
+        Covers the fast path's configurations (:meth:`_psi_step_fast`), in place on the parameters
+        (no flat gather). Returns False (nothing written) where the eager paths must run: other
+        configurations, missing/sparse/non-contiguous gradients, a failed finite check (the
+        reference path then raises the precise error), or a compile failure (warned once; the group
+        then stays eager). The guard's rescaling, when a row exceeds the threshold, is eager. One host
+        sync per step (finite check and guard decision together)."""
+        rho = group["momentum"]
+        if guard or group["project_grad"] or group["retraction"] != "additive" or (rho != 0 and (
+                group["momentum_form"] != "paper" or group["transport"] != "none")):
+            return False
+        lay = self._fused_layout(gi, group)
+        if lay is None:
+            return False
+        gs = [w.grad for w in lay.ws]
+        gbs = [None if b is None else b.grad for b in lay.bs]
+        if any(g is None or g.is_sparse or not g.is_contiguous() for g in gs) or any(
+                b is not None and (g is None or g.is_sparse) for b, g in zip(lay.bs, gbs)):
+            return False
+        st = self.state
+        momentum = rho != 0
+        if momentum:
+            for t in (*lay.ws, *(b for b in lay.bs if b is not None)):
+                if "momentum_buffer" not in st[t]:
+                    st[t]["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+            us = [st[w]["momentum_buffer"] for w in lay.ws]
+            ubs = [None if b is None else st[b]["momentum_buffer"] for b in lay.bs]
+            if not all(u.is_contiguous() for u in us):
+                return False
+        else:
+            us, ubs = list(gs), [None] * len(gs)  # unused by the kernel
+        thr = group["renorm_threshold"]
+        vals = (float(group["lr"]), float(rho), float(group["psi_weight_decay"]),
+                math.inf if thr is None else float(thr))
+        if vals != lay.scal_vals:
+            lay.scal.copy_(torch.tensor(vals, dtype=lay.scal.dtype))
+            lay.scal_vals = vals
+        if self.track_angles and lay.ang_sum is None:
+            lay.ang_sum = lay.scal.new_zeros(lay.rows)
+            lay.ang_max = lay.scal.new_zeros(lay.rows)
+        dummy = lay.scal[:0]
+        from ._fused import compiled_psi_update
+
+        fn = compiled_psi_update()
+        args = (lay.ws, gs, us, lay.bs, gbs, ubs, lay.ang_sum if self.track_angles else dummy,
+                lay.ang_max if self.track_angles else dummy, lay.scal)
+        opts = dict(momentum=momentum, maximize=bool(group["maximize"]), decay=vals[2] != 0,
+                    angles=self.track_angles, check=self.check_finite, guard=thr is not None)
+        if lay.compiled is False:
+            try:
+                out = fn(*args, **opts)
+                lay.compiled = True
+            except Exception as e:  # noqa: BLE001 - any compiler failure: stay correct, eagerly
+                warnings.warn(f"PSISGD(fused=True): torch.compile failed ({type(e).__name__}: {e}); "
+                              f"param group {gi} uses the eager path", RuntimeWarning, stacklevel=3)
+                self._fused[gi] = None
+                return False
+        else:
+            out = fn(*args, **opts)
+        ok, fire = out[:2].tolist()
+        if not ok:
+            return False
+        if self.track_angles:
+            lay.ang_steps += 1
+        if fire:
+            nrm = out[2:]
+            c = torch.where(nrm > thr, float(group["renorm_target"]) / nrm, torch.ones_like(nrm))
+            self._apply_renorm_units(gi, lay, c, momentum)
+        return True
+
+    def _apply_renorm_units(self, gi: int, lay: _FusedLayout, c: Tensor, bufs: bool) -> None:
+        """:meth:`_apply_renorm` for the compiled path's unit-ordered rows: scale the units that fired
+        (weights, biases, buffers, BN statistics) by c (rows,); count the rescaled rows."""
+        st = self.state
+        cw = c.split(lay.row_sizes)
+        fired = torch.stack([(v != 1).sum() for v in cw]).tolist()
+        if not all("renorm_count" in st[w] for w in lay.ws):
+            for w in lay.ws:
+                st[w].setdefault("renorm_count", torch.zeros((), dtype=torch.long, device=c.device))
+        ts, cs = [], []
+        for k, (w, b, n) in enumerate(zip(lay.ws, lay.bs, fired)):
+            if not n:
+                continue
+            st[w]["renorm_count"] = st[w]["renorm_count"] + n
+            ck = cw[k]
+            for t in (w, b):
+                if t is None:
+                    continue
+                cv = _bview(ck, t, 0)
+                ts.append(t)
+                cs.append(cv)
+                if bufs:
+                    ts.append(st[t]["momentum_buffer"])
+                    cs.append(cv)
+            rm, rv = self._bn.get((gi, lay.units[k][0]), (None, None))
+            if rm is not None:
+                rm.mul_(ck.to(rm.dtype))
+            if rv is not None:
+                rv.mul_(ck.to(rv.dtype).square())
+        torch._foreach_mul_(ts, cs)
 
     def _apply_renorm(self, gi: int, group: dict[str, Any], lay: _FlatLayout, c: Tensor, bufs: bool) -> None:
         """The overflow guard fired: scale weights, buffers and BN statistics of each unit by c (rows,),
@@ -626,11 +820,15 @@ class PSISGD(Optimizer):
             elif bn_v:
                 torch._foreach_mul_([rv for _, rv in bn_v], [cw[j].to(rv.dtype).square() for j, rv in bn_v])
 
-    def _accumulate_angles_fast(self, lay: _FlatLayout, theta: Tensor, delta: Tensor, s: Tensor,
-                                dd: Tensor) -> None:
+    def _accumulate_angles_fast(self, lay: _FlatLayout, s: Tensor, dd: Tensor, n2: Tensor) -> None:
         """Per-row angle of this step (as :meth:`_accumulate_angles`), kept as per-row running
-        sum/max tensors; reduced per layer only by :meth:`_flush_angles` (telemetry, state_dict)."""
-        dot = lay.rows_dot(theta, delta)
+        sum/max tensors; reduced per layer only by :meth:`_flush_angles` (telemetry, state_dict).
+
+        ``<theta, U> = (||theta + U||^2 - ||theta||^2 - ||U||^2) / 2`` from the row norms the step has
+        anyway (``s``, ``dd``, ``n2``: old, step, new), instead of a product pass; its absolute error
+        ~ eps * s_j leaves the angle's relative error ~ eps * ||theta_j|| / ||U_j|| (float32, steps of
+        1e-4 rad: ~1e-3; telemetry only)."""
+        dot = (n2 - s - dd) * 0.5
         r = s.sqrt()
         ang = torch.atan2((dd - dot.square() / s).clamp_min(0).sqrt(), r + dot / r)
         if lay.ang_sum is None:
@@ -660,9 +858,9 @@ class PSISGD(Optimizer):
         lay.ang_steps = 0
 
     def _flush_all_angles(self) -> None:
-        for gi, lay in list(self._layouts.items()):
+        for gi, lay in [*self._layouts.items(), *self._fused.items()]:
             if lay is not None and gi < len(self.param_groups):
-                self._flush_angles(gi, lay)
+                self._flush_angles(gi, lay)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
         """``Optimizer.state_dict`` after reducing the fast path's pending angle telemetry."""
@@ -671,7 +869,7 @@ class PSISGD(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict``; drops cached layouts (buffers are re-viewed on the next step)."""
-        self._layouts, self._elayouts = {}, {}
+        self._layouts, self._elayouts, self._fused = {}, {}, {}
         super().load_state_dict(state_dict)
 
     def _psi_step(self, gi: int, group: dict[str, Any], guard: bool) -> None:
@@ -995,7 +1193,7 @@ def psi_param_groups(
 
 # -- trainer registry ---------------------------------------------------------------------------
 _PSI_KEYS = ("momentum_form", "retraction", "renorm_threshold", "renorm_target", "transport", "project_grad",
-             "check_invariance", "guard_steps", "check_finite", "track_angles", "foreach")
+             "check_invariance", "guard_steps", "check_finite", "track_angles", "foreach", "fused")
 
 
 def _builder(kind: str) -> Callable[..., PSISGD]:
