@@ -13,7 +13,7 @@ from bnlab.convex.cnn import BNReLUCNN, cnn_nc_objective, conv_patches, enumerat
 from bnlab.convex.patterns import PatternWarning, pattern_bound, sample_patterns, whiten
 from bnlab.convex.problem import ConvexBNProblem
 from bnlab.convex.recover import BNReLUNet, recover
-from bnlab.convex.solvers import solve
+from bnlab.convex.solvers import ConvergenceWarning, solve
 
 torch.set_num_threads(1)
 T = torch.as_tensor
@@ -231,3 +231,14 @@ def test_predict_rejects_other_image_shapes():
     r = fit_convex_cnn(X, y, 0.1, (1, 2), 2, patterns="enumerate")
     with pytest.raises(ValueError, match="positions"):
         r.predict(np.zeros((2, 1, 6, 6)))
+
+
+def test_beta_above_threshold_gives_zero_network_and_clear_error():
+    X, y = _images(n=6, H=4, W=4, seed=0)
+    with warnings.catch_warnings():                     # the solver's relative violation is 0/0 at W = 0
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        r = fit_convex_cnn(X, y, 100.0, (1, 2), 2, patterns="enumerate")
+    assert r.params.width == 0
+    assert abs(r.objective - 0.5 * float(y @ y)) <= 1e-6 * float(y @ y)     # f = 0 is optimal for large beta
+    with pytest.raises(ValueError, match="width 0"):
+        r.network()

@@ -158,6 +158,9 @@ class BNReLUCNN(nn.Module):
         """Load paper-convention weights (``p.W`` (c·kh·kw, m)) with BN statistics of the training patches:
         filters rescaled to unit biased variance over the N = n·K outputs, ``BatchNorm2d.weight =
         γ sqrt(1+eps)/sqrt(N)`` (cancels eps), ``.bias = α/sqrt(N)``, running stats = training statistics."""
+        if p.width == 0:
+            raise ValueError("the convex solution has no nonzero block (width 0): beta is at or above the value "
+                             "where the optimum is f = 0; expected a smaller beta")
         Nt = patches.M.shape[0]
         Hm = patches.M @ p.W
         mu = Hm.mean(0)
@@ -260,8 +263,8 @@ def fit_convex_cnn(X, y, beta: float, kernel_size, stride=1, padding=0, patterns
     ``patterns``: "sample" (``n_patterns`` Gaussian gates in whitened space, seeded), "enumerate" (all
     arrangements, exact, tiny rank only) or a bool array (n·K, P). ``k``: truncated whitening (§5.3 E1).
     ``solver``: "clarabel"/"cvxpy"/"scs" (CVXPY, default) or "al" (torch augmented Lagrangian);
-    ADMM does not support pooling. ``prune_tol``: blocks with ``||s|| <= prune_tol·max||s||`` get no neuron
-    (0: keep every nonzero block). Returns :class:`ConvexCNN`."""
+    ADMM does not support pooling. ``prune_tol``: blocks with ``||s|| <= prune_tol·max(max||s||, ||y||)`` get no
+    neuron (0: keep every nonzero block). Returns :class:`ConvexCNN`."""
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive finite float, got {beta!r}")
     if not isinstance(solver, str) or solver.lower() not in _CNN_SOLVERS:
@@ -290,5 +293,8 @@ def fit_convex_cnn(X, y, beta: float, kernel_size, stride=1, padding=0, patterns
     prob = ConvexBNProblem(torch.as_tensor(wh.Up), torch.as_tensor(D), torch.as_tensor(Yc), float(beta), loss,
                            None, pt.K)
     sol = solve(prob, solver.lower(), tol=tol, **solver_kwargs)
-    params = recover(sol.W, wh, tol=prune_tol)
+    Wp = sol.W.copy()                                    # prune relative to the block and target scales
+    nrm = np.linalg.norm(Wp, axis=-1)
+    Wp[nrm <= prune_tol * max(float(nrm.max(initial=0.0)), float(np.linalg.norm(Y)))] = 0.0
+    params = recover(Wp, wh, tol=0.0)
     return ConvexCNN(patches=pt, whitening=wh, D=D, problem=prob, solution=sol, params=params)
