@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -144,9 +145,114 @@ def gsgd_before_after(old_path: str, width: float = 0.5, rounds: int = 3,
     return out
 
 
-if __name__ == "__main__":                               # python -m bnlab.benchmarks.optim OLD_GSGD_PY
-    import sys
+def _load_old(old_path: str, name: str) -> Any:
+    """Import an earlier ``bnlab/optim/<file>.py`` (a file at ``old_path``) as a private submodule of
+    ``bnlab.optim`` (its relative imports resolve); the optimiser registry is left as it was."""
+    import importlib.util
 
+    from .. import optim as registry
+
+    saved = dict(registry._REGISTRY)
+    spec = importlib.util.spec_from_file_location(f"bnlab.optim.{name}", old_path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"old_path: cannot load a module from {old_path!r}")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)  # the old module re-registers its names
+    return mod
+
+
+def psi_before_after(old_path: str | None, rounds: int = 3, track_angles: bool = True, fused: bool = False,
+                     model_name: str = "resnet56", settings: Settings | None = None) -> dict[str, Any]:
+    """Interleaved medians (``compare``) of the PSI-SGDM step (``make_optimizer("psi-sgdm")``, lr 0.01,
+    momentum 0.9) of an earlier ``optim/psi.py`` (``old_path``, e.g. ``git show 997ffbc:src/bnlab/optim/
+    psi.py``; None: skip), of the current one (eager; and ``fused=True`` when asked) and of
+    ``SGD(momentum=0.9, foreach=True)``, on copies of ``model_name`` (BN) with the same gradients
+    (one real forward/backward, x 1e-4 so the 1e4 guard never fires; invariance-check steps and 5
+    warm-up steps first). Returns ``{"compile_s": first fused step (s) or None, "rounds": [...]}``,
+    one dict per round with ``new_ms``/``sgd_ms``/``new_vs_sgd`` (and ``old_*``, ``fused_*``,
+    ``old_vs_new`` timed together).
+    """
+    import time
+
+    from ..models import build
+    from ..optim import make_optimizer
+
+    settings = settings or Settings()
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = _with_grads(build(model_name, norm="bn"), device, 32)
+    old_mod = _load_old(old_path, "_psi_before") if old_path else None
+    kinds = ["new", "sgd"] + (["old"] if old_mod else []) + (["fused"] if fused else [])
+    copies = {k: copy.deepcopy(model) for k in kinds}
+    steps: dict[str, Callable[[], Any]] = {}
+    compile_s = None
+    for k, m in copies.items():
+        if k == "sgd":
+            continue
+        build_opt = old_mod._builder("psi-sgdm") if k == "old" else (  # type: ignore[union-attr]
+            lambda mm, **kw: make_optimizer("psi-sgdm", mm, **kw))
+        kw: dict[str, Any] = dict(lr=0.01, momentum=0.9, track_angles=track_angles)
+        if k == "fused":
+            kw["fused"] = True
+        opt = build_opt(m, **kw)
+        for _ in range(opt.guard_steps):
+            _with_grads(m, device, 32)
+            opt.step()
+        _with_grads(m, device, 32)
+        for p in m.parameters():
+            p.grad.mul_(1e-4)
+        t0 = time.perf_counter()
+        opt.step()
+        if k == "fused":
+            compile_s = time.perf_counter() - t0
+        for _ in range(5):
+            opt.step()
+        steps[k] = opt.step
+    ref = copies["new"]
+    for p, q in zip(ref.parameters(), copies["sgd"].parameters()):
+        q.grad = p.grad.clone()
+    steps["sgd"] = torch.optim.SGD(copies["sgd"].parameters(), lr=0.01, momentum=0.9, foreach=True).step
+    out = []
+    for _ in range(rounds):
+        row: dict[str, float] = {}
+        for k in ("new", "old", "fused"):
+            if k in steps:
+                a, b = compare(steps[k], steps["sgd"], settings, device)
+                row.update({f"{k}_ms": a, f"sgd_{k}_ms": b, f"{k}_vs_sgd": a / b})
+        if "old" in steps:
+            a, b = compare(steps["old"], steps["new"], settings, device)
+            row["old_vs_new"] = a / b
+        out.append(row)
+    return {"compile_s": compile_s, "rounds": out}
+
+
+if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD_GSGD_PY | psi [OLD_PSI_PY] [--fused] ...}
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="optimiser step before/after vs SGD(foreach)")
+    ap.add_argument("kind", help="gsgd | psi (a path ending in .py: gsgd with that old file, as before)")
+    ap.add_argument("old", nargs="?", default=None, help="path of the earlier optim/<kind>.py")
+    ap.add_argument("--fused", action="store_true", help="psi: also time fused=True (compile time reported)")
+    ap.add_argument("--angles", type=int, default=1, help="psi: track_angles (default 1)")
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    if a.kind.endswith(".py"):
+        a.kind, a.old = "gsgd", a.kind
+    if a.kind not in ("gsgd", "psi"):
+        ap.error(f"kind must be gsgd or psi, got {a.kind!r}")
     torch.set_num_threads(1)
-    for row in gsgd_before_after(sys.argv[1]):
-        print({k: round(v, 3) for k, v in row.items()})
+    if a.kind == "gsgd":
+        if a.old is None:
+            ap.error("gsgd needs the path of the earlier optim/gsgd.py")
+        for row in gsgd_before_after(a.old, rounds=a.rounds):
+            print({k: round(v, 3) for k, v in row.items()})
+    else:
+        res = psi_before_after(a.old, rounds=a.rounds, track_angles=bool(a.angles), fused=a.fused)
+        print(json.dumps({"compile_s": res["compile_s"]}))
+        for row in res["rounds"]:
+            print({k: round(v, 3) for k, v in row.items()})

@@ -538,6 +538,7 @@ class PSISGD(Optimizer):
 
     # -- fast path ------------------------------------------------------------------------------
     _use_fast = True  # tests switch it off to compare against the reference path
+    _compile_fused = True  # tests switch it off to run the fused step function eagerly (no compile)
 
     def _layout(self, gi: int, group: dict[str, Any]) -> _FlatLayout | None:
         """The cached flat layout of PSI group ``gi``; None when the fast path does not apply
@@ -719,9 +720,9 @@ class PSISGD(Optimizer):
             lay.ang_sum = lay.scal.new_zeros(lay.rows)
             lay.ang_max = lay.scal.new_zeros(lay.rows)
         dummy = lay.scal[:0]
-        from ._fused import compiled_psi_update
+        from ._fused import compiled_psi_update, psi_update
 
-        fn = compiled_psi_update()
+        fn = compiled_psi_update() if self._compile_fused else psi_update
         args = (lay.ws, gs, us, lay.bs, gbs, ubs, lay.ang_sum if self.track_angles else dummy,
                 lay.ang_max if self.track_angles else dummy, lay.scal)
         opts = dict(momentum=momentum, maximize=bool(group["maximize"]), decay=vals[2] != 0,
