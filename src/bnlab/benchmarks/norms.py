@@ -110,3 +110,50 @@ def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Resul
             o, b = compare(_fwd_bwd(ours, xc, gc, ctx), _fwd_bwd(base_conv, xc, gc, ctx), settings, device)
             yield (Result("norm/PathBN-conv3x3", o, b, "x".join(map(str, cshape)), str(dtype)[6:],
                                   device.type, baseline="Conv2d+BatchNorm2d+ReLU", target=TARGET))
+
+
+# -- issue 7: every CompleteBatchNorm preset against BN+ReLU, repeated (docs/results/speed_cbn.md) --
+def cbn_presets(rounds: int, settings: Settings, shapes: list[tuple[int, ...]] | None = None,
+                presets: list[str] | None = None) -> Iterator[Result]:
+    """``rounds`` repetitions of: each CBN preset (ReLU, fp32 CPU, training mode) forward+backward
+    against ``nn.Sequential(nn.BatchNorm2d, nn.ReLU)`` on the same input, interleaved by
+    :func:`compare`. ``extra``: round, 1-min load average, whether the fused path ran."""
+    import os
+
+    from ..nn.cbn import PRESETS, CompleteBatchNorm
+
+    for rnd in range(rounds):
+        for shape in shapes or SHAPES["full"]:
+            torch.manual_seed(0)
+            c = shape[1]
+            x = torch.randn(shape).requires_grad_(True)
+            g = torch.randn(shape)
+            base = _fwd_bwd(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()), x, g, contextlib.nullcontext)
+            for preset in presets or list(PRESETS):
+                m = CompleteBatchNorm(c, "relu", preset)
+                fused = type(m(x).grad_fn).__name__
+                o, b = compare(_fwd_bwd(m, x, g, contextlib.nullcontext), base, settings)
+                yield Result(f"norm/cbn:{preset}", o, b, "x".join(map(str, shape)), "float32", "cpu",
+                             baseline="BatchNorm2d+ReLU", target=TARGET,
+                             extra={"round": rnd, "load1": os.getloadavg()[0], "grad_fn": fused})
+
+
+def cbn_train_steps(rounds: int, settings: Settings,
+                    pairs: tuple[tuple[str, str], ...] = (("cbn", "sgd"), ("cbn", "psi-sgdm"))) -> Iterator[Result]:
+    """``rounds`` repetitions of the resnet20 training steps ``train/<norm>+<optim>`` of
+    :mod:`.train_step` (batch 64x3x32x32, width 1) against ``bn`` + ``SGD(foreach)``, interleaved."""
+    import os
+
+    from .train_step import _step_fn
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+    base = _step_fn("bn", "sgd", x, y, 1.0, device)
+    for rnd in range(rounds):
+        for norm, optim in pairs:
+            o, b = compare(_step_fn(norm, optim, x, y, 1.0, device), base, settings)
+            yield Result(f"train/{norm}+{optim}", o, b, "resnet20 w1.0 batch 64x3x32x32", "float32", "cpu",
+                         baseline="resnet20 bn + SGD(foreach)", target=1.15,
+                         extra={"round": rnd, "load1": os.getloadavg()[0]})

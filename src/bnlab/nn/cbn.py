@@ -23,11 +23,13 @@ post_center   phi(A(Std(h))) - mu_B(phi(.))               R5 (ablation)
 Every statistic lives in a :class:`bnlab.nn.stats.BatchStats` (affine=False; its buffers, running-
 statistics rule and state-dict keys). Standardisation always runs ``BatchStats.standardize`` (PyTorch's
 BN kernel) with the neighbouring affine passed *into* the kernel; a ReLU on a fresh tensor is applied
-in place. Speed path (batch statistics, fp32/fp64, unsynchronised): the centring-only and scale-only
-norms (split_pre, split_post, post_center) are closed-form autograd Functions (``_Center``,
-``_ScaleStd``, ``_SplitPreReLU``) with fast CPU moments (``_moments``); their double backward
-re-runs plain autograd. Eval mode, half dtypes and ``sync_stats`` take the plain autograd path
-(``BatchStats`` / :func:`bnlab.nn.stats.batch_moments`), numerically the same layer.
+in place. Speed path (batch statistics, fp32/fp64, unsynchronised, not compiled/traced): with ReLU
+the whole layer is one closed-form autograd Function (``_FusedReLU`` for every preset but
+split_pre, ``_SplitPreReLU`` for split_pre; 3 full-size allocations per forward+backward against
+BN+ReLU's 4); with other activations the centring-only and scale-only norms are closed-form
+Functions (``_Center``, ``_ScaleStd``). All use fast CPU moments (``_moments``) and re-run plain
+autograd for double backward. Eval mode, half dtypes, ``sync_stats`` and ``fused = False`` take the
+plain autograd path (``BatchStats`` / :func:`bnlab.nn.stats.batch_moments`), numerically the same layer.
 The module also registers the ``"cbn"`` norm family (Sec. 5.2 placement) with
 :func:`bnlab.nn.factory.register_norm`.
 """
@@ -88,6 +90,9 @@ def update_running_stats(stats: BatchStats, mean: Tensor, var_biased: Tensor, co
 # create_graph=True (double backward, e.g. Hessian-vector products) it re-runs the plain autograd
 # reference ``_ref`` instead, so higher derivatives stay exact.
 _FAST_DTYPES = (torch.float32, torch.float64)
+#: FX symbolic tracing (``is_fx_tracing`` warns on every call in recent torch; together with
+#: ``torch.compiler.is_compiling()`` this covers the same cases).
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
 def _view(t: Tensor | None, x: Tensor) -> Tensor | None:
@@ -515,8 +520,7 @@ class CompleteBatchNorm(nn.Module):
     def _fast(stats: BatchStats, x: Tensor) -> bool:
         """True when ``stats`` normalises ``x`` with its own batch moments, unsynchronised, in
         x's dtype (fp32/fp64): the case the fused autograd Functions below implement."""
-        return (type(x) is torch.Tensor and not torch.fx._symbolic_trace.is_fx_tracing()
-                and not torch.compiler.is_compiling()
+        return (type(x) is torch.Tensor and not _fx_tracing() and not torch.compiler.is_compiling()
                 and (stats.training or not stats.track_running_stats) and x.dtype in _FAST_DTYPES
                 and not (stats.sync_stats and world_size(stats.process_group) > 1))
 
