@@ -129,3 +129,4 @@ def psi_update(ws: list[Tensor], gs: list[Tensor], us: list[Tensor], bs: list[Te
 def compiled_psi_update() -> Any:
     """``torch.compile(psi_update, dynamic=False, fullgraph=True)`` (created once per process)."""
     return torch.compile(psi_update, dynamic=False, fullgraph=True)
+
