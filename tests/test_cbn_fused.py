@@ -200,3 +200,22 @@ def test_fused_off_for_other_activations_and_half_dtypes():
     assert not m._fused_ok(torch.randn(4, 4, 2, 2, dtype=torch.float64))  # parameters are float32
     m.fused = False
     assert not m._fused_ok(torch.randn(4, 4, 2, 2))
+
+
+@pytest.mark.parametrize("dims, shape", [(1, (7, 3)), (1, (5, 3, 4)), (3, (3, 3, 2, 2, 3))])
+@pytest.mark.parametrize("preset", ["double", "split_post", "post_center"])
+def test_fused_other_ranks_equal_plain_path(dims, shape, preset):
+    torch.manual_seed(6)
+    m = CompleteBatchNorm(3, "relu", preset, dims=dims, post_affine=True).double()
+    _randomize(m)
+    ref = _plain(m)
+    x = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    y, yr = m(x), ref(x)
+    assert _grad_fn_name(y) == "_FusedReLUBackward"
+    torch.testing.assert_close(y, yr, rtol=1e-11, atol=1e-12)
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, [x, *m.parameters()], g)
+    for a, b in zip(ga, torch.autograd.grad(yr, [x, *ref.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for (k, a), (_, b) in zip(m.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)
