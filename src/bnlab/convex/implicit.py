@@ -6,6 +6,8 @@
 * :func:`train_nonconvex`: GD / SGD / Adam on the same (NC) objective of the torch BN-ReLU net
   (weight decay on (γ, α, v) only, §1.1), for comparison from the same API.
 * :func:`energy_profile`: the §5.3 diagnostic (energy of the neurons over whitened directions).
+* :func:`top_energy`: the §5.3 top-j mass, normalised by each neuron's full centred response (so energy
+  outside the kept directions counts as outside), for networks on the raw or a truncated input.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from .patterns import Whitening
 from .recover import BNReLUNet, NeuronParams, nc_objective, paper_params
 
-__all__ = ["spectral_weights", "train_nonconvex", "energy_profile", "params_from_net"]
+__all__ = ["spectral_weights", "train_nonconvex", "energy_profile", "params_from_net", "top_energy"]
 
 
 def spectral_weights(wh: Whitening, p: float) -> np.ndarray:
@@ -88,3 +90,15 @@ def energy_profile(p: NeuronParams, wh: Whitening, X: np.ndarray) -> np.ndarray:
     size = np.linalg.norm(p.V, axis=1) * np.sqrt(p.gamma ** 2 + p.alpha ** 2)
     E = (Q ** 2) @ size
     return E / max(E.sum(), 1e-300)
+
+
+def top_energy(p: NeuronParams, wh: Whitening, X: np.ndarray, tops) -> np.ndarray:
+    """§5.3 top-j mass for each j in ``tops``: ``Σ_i size_i ||U_j^T P_n X w_i||² / ||P_n X w_i||² / Σ_i size_i``
+    with ``size_i = ||v_i|| sqrt(γ_i² + α_i²)``. X (n, d) is the training data of ``wh`` (which keeps at least
+    max(tops) directions); W (d, m) in raw input space. Returns (len(tops),) values in [0, 1]."""
+    H = (np.asarray(X, dtype=np.float64) - wh.mean) @ p.W                  # (n, m) = P_n X w_i
+    tot = np.maximum((H ** 2).sum(0), 1e-300)
+    cum = np.cumsum((wh.U.T @ H) ** 2, axis=0) / tot                        # (k, m) mass in top-1..k
+    size = np.linalg.norm(p.V, axis=1) * np.sqrt(p.gamma ** 2 + p.alpha ** 2)
+    w = size / max(size.sum(), 1e-300)
+    return np.array([float(cum[min(int(j), wh.k) - 1] @ w) for j in tops])
