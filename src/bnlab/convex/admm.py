@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .problem import ConvexBNProblem
 
-__all__ = ["admm", "zprox_squared", "zprox_logistic"]
+__all__ = ["admm", "repair_cone", "polish_scale", "zprox_squared", "zprox_logistic"]
 
 
 def _blocksoft(V: Tensor, thr: float) -> Tensor:
@@ -170,6 +170,54 @@ def admm_bound(p: ConvexBNProblem, Z: Tensor, Yd: Tensor, gated: bool = False) -
     return float(p.neg_conj(t * nu))
 
 
+def repair_cone(p: ConvexBNProblem, W: Tensor, rounds: int = 10, rank_tol: float = 1e-12) -> tuple[Tensor, dict]:
+    """Exactly cone-feasible point near ``W`` (C, 2P, q): the "repair" of the program certificate.
+
+    Block j is feasible iff ``G_j w >= 0`` with ``G_j = diag(2D_j - 1) U'`` (N, q). For every block with a
+    violated row, let S be its violated rows (S grows over ``rounds`` by rows that become violated; a
+    wider "nearly active" set was tried and moved the objective far more), and replace ``w`` by its orthogonal
+    projection onto the subspace ``{v : g_i·v = 0, i ∈ S}``: ``w ← (I - Π_S) w``, ``Π_S`` the projector onto
+    ``range(U'^T diag(1_S) U')`` (``(2D-1)² = 1``), from a batched (B, q, q) eigendecomposition over the
+    violating blocks only. Rows in S then hold with equality (to rounding), rows outside S are feasible; a
+    block still violated after ``rounds`` (or by more than 1e-13 of ``max |U'W|``) is set to 0, which is
+    always feasible. The projection never increases ``||w||``; with violations of order ε the move is O(ε).
+
+    Returns ``(W_feasible, info)``, info: blocks repaired, rounds used, blocks zeroed."""
+    C, J, q = W.shape
+    Up = p.Up
+    Af = p.A.T.repeat(C, 1)                                            # (C·2P, N) ±1
+    Wf = W.reshape(C * J, q).clone()
+    G = Af * (Wf @ Up.T)                                               # (B, N), feasible iff >= 0
+    scale = float(G.abs().max()) if G.numel() else 0.0
+    eps = (-G).amax(-1, keepdim=True)                                  # largest violation per block
+    bad = (eps[:, 0] > 0).nonzero().flatten()
+    info = {"blocks": int(bad.numel()), "rounds": 0, "zeroed": 0}
+    if bad.numel() == 0 or scale == 0.0:
+        return W.clone(), info
+    w0, Ab = Wf[bad], Af[bad]
+    Sb = G[bad] < 0                                                    # violated rows
+    w = w0.clone()
+    todo = torch.arange(bad.numel(), device=W.device)                  # blocks whose S changed
+    for rnd in range(rounds):
+        info["rounds"] = rnd + 1
+        Ms = (Up.T[None] * Sb[todo].to(Up.dtype)[:, None, :]) @ Up      # (b, q, q) = U'^T diag(1_S) U'
+        ev, V = torch.linalg.eigh(Ms)
+        Vk = V * (ev > rank_tol * ev[:, -1:].clamp_min(1e-300)).to(Up.dtype)[:, None, :]
+        w[todo] = w0[todo] - (Vk @ (Vk.transpose(1, 2) @ w0[todo, :, None]))[..., 0]
+        new = (Ab[todo] * (w[todo] @ Up.T) < 0) & ~Sb[todo]
+        grow = new.any(-1)
+        if not bool(grow.any()):
+            break
+        Sb[todo] |= new
+        todo = todo[grow]
+    worst = (-(Ab * (w @ Up.T))).clamp_min(0).amax(-1)                # rounding only, unless not converged
+    drop = worst > 1e-13 * scale
+    info["zeroed"] = int(drop.sum())
+    w = torch.where(drop[:, None], torch.zeros_like(w), w)
+    Wf[bad] = w
+    return Wf.reshape(C, J, q), info
+
+
 class _Anderson:
     """Safeguarded type-II Anderson acceleration of a fixed-point map x -> F(x) (Zhang, O'Donoghue & Boyd
     2020, as in SCS 3): memory ``m``, Tikhonov-regularised least squares; flat state of size S."""
@@ -207,14 +255,27 @@ class _Anderson:
 def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = None, max_iter: int = 20000,
          rho: float | None = None, alpha: float = 1.6, gated: bool = False, check_every: int = 10,
          W0: Tensor | None = None, anderson: int | None = None, adapt_rho: bool = True, balance: float = 10.0,
-         certify: str = "program", bar=None) -> dict:
+         certify: str = "program", repair: bool = True, repair_every: int = 1, repair_frac: float = 0.05,
+         polish: bool = True, bar=None) -> dict:
     """Run ADMM on an unweighted, unpooled problem ``p`` (tensors on the target device/dtype).
+
+    ``certify="program"`` with ``repair=True`` (default): at every ``repair_every``-th check that is at least
+    ``repair_frac·iterations`` after the previous repair (bounded overhead, certification delayed by at most
+    that fraction), the iterate is
+    made exactly cone-feasible by :func:`repair_cone` (then, ``polish=True``, rescaled by
+    :func:`polish_scale`, which keeps feasibility); the best repaired primal value and the best dual bound
+    so far give the gap; stop when it is <= tol (the returned W is the best repaired point, violation <=
+    1e-13 relative). ``repair=False``: the old rule (gap of the raw iterate <= tol and its violation <=
+    constraint_tol; W is the raw iterate). ``certify="network"``: see solvers.admm_solve.
 
     Returns a dict with W (C, 2P, q), objective, dual bound, gap, violation, iterations, history."""
     if p.pool is not None:
         raise ValueError(f"solver='admm' does not support pooled problems (pool={p.pool}); use solver='al'")
     if certify not in ("program", "network"):
         raise ValueError(f"certify must be 'program' or 'network', got {certify!r}")
+    if not (isinstance(repair_every, int) and repair_every >= 1):
+        raise ValueError(f"repair_every must be an int >= 1 (checks between repairs), got {repair_every!r}")
+    use_repair = repair and certify == "program" and not gated
     if p.loss not in ("squared", "logistic"):
         raise ValueError(f"solver='admm' needs loss 'squared' or 'logistic', got loss={p.loss!r}; "
                          "use solver='cvxpy'")
@@ -233,6 +294,10 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
         rho = max(1e-3, min(1e3, beta / max(1e-12, float(Y.abs().max()) / math.sqrt(Up.shape[0]))))
     hist: list[dict] = []
     pv = db = math.inf
+    best_db = -math.inf                                               # best valid lower bound so far
+    best_pv, best_W, best_viol = math.inf, None, math.inf             # best repaired (feasible) point
+    n_checks = 0
+    last_repair = 0
     viol = math.inf
     shape = (2,) + tuple(Z.shape)
     S = 2 * Z.numel()
@@ -295,11 +360,29 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
             pv = float(p.objective(W))
         db = max(float(p.dual_bound(W)[0]) if gated else -math.inf, admm_bound(p, Z, rho * Uu, gated))
         gap = (pv - db) / max(1.0, abs(pv))
-        hist.append({"iter": it, "objective": pv, "dual": db, "gap": gap, "violation": viol, "rho": rho,
-                     "r_primal": rp, "r_dual": rd})
+        rec = {"iter": it, "objective": pv, "dual": db, "gap": gap, "violation": viol, "rho": rho,
+               "r_primal": rp, "r_dual": rd}
+        n_checks += 1
+        if use_repair:
+            best_db = max(best_db, db)
+            if (n_checks % repair_every == 0 and it - last_repair >= repair_frac * it) or it >= max_iter:
+                last_repair = it
+                Wr, info = repair_cone(p, W)
+                if polish:
+                    Wr = polish_scale(p, Wr)
+                pr = float(p.objective(Wr))
+                if pr < best_pv:
+                    best_pv, best_W, best_viol = pr, Wr, float(p.violation(Wr))
+                rec.update(repaired=pr, repaired_blocks=info["blocks"], zeroed=info["zeroed"])
+            gap = (best_pv - best_db) / max(1.0, abs(best_pv))
+            rec.update(best_primal=best_pv, best_dual=best_db, certified_gap=gap)
+        hist.append(rec)
         if bar is not None:
             bar.set_postfix(gap=f"{gap:.1e}", viol=f"{viol:.0e}")
-        if gap <= tol and (certify == "network" or viol <= ctol):
+        if use_repair:
+            if gap <= tol and best_viol <= 1e-12:
+                break
+        elif gap <= tol and (certify == "network" or viol <= ctol):
             break
         if not math.isfinite(pv):
             raise FloatingPointError(f"admm diverged (objective {pv}) at iteration {it}, rho={rho}")
@@ -312,6 +395,40 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
             res = float((g - x).norm())
             if aa is not None:
                 aa.reset()
+    if use_repair:
+        if best_W is None:                                            # no check ran: repair the last iterate
+            best_W, _ = repair_cone(p, W)
+            best_pv, best_viol = float(p.objective(best_W)), float(p.violation(best_W))
+        return {"W": best_W, "objective": best_pv, "dual": best_db, "gap": (best_pv - best_db) / max(1.0, abs(best_pv)),
+                "violation": best_viol, "iterations": it, "history": hist, "aa_accepted": stats[0],
+                "aa_rejected": stats[1], "repaired": True}
     return {"W": W, "objective": pv, "dual": db, "gap": (pv - db) / max(1.0, abs(pv)), "violation": viol,
-            "iterations": it, "history": hist, "aa_accepted": stats[0], "aa_rejected": stats[1]}
+            "iterations": it, "history": hist, "aa_accepted": stats[0], "aa_rejected": stats[1], "repaired": False}
 
+
+
+def polish_scale(p: ConvexBNProblem, W: Tensor, iters: int = 100) -> Tensor:
+    """Best nonnegative rescaling of the blocks of a cone-feasible ``W`` (C, 2P, q) (feasibility is kept):
+    ``min_{c >= 0} ℓ(Σ_j c_j σ_j D_j ⊙ U'w_j) + β Σ_j c_j ||Λw_j||`` per output (squared loss: FISTA on the
+    (B, B) Gram matrix of the nonzero blocks, starting at c = 1). Returns ``c ⊙ W``."""
+    if p.loss != "squared":
+        return W
+    out = W.clone()
+    nrm = p.norms(W)                                                  # (C, 2P)
+    for c in range(W.shape[0]):
+        nz = (nrm[c] > 0).nonzero().flatten()
+        if nz.numel() == 0:
+            continue
+        F = (W[c, nz] @ p.Up.T) * p.Dsgn.T[nz] * p.sigma[nz, None]     # (B, N)
+        G = F @ F.T
+        b = F @ p.Y[c] - p.beta * nrm[c, nz]
+        L = float(torch.linalg.eigvalsh(G)[-1]) * 1.01 + 1e-300
+        x = torch.ones_like(b)
+        yk, t = x.clone(), 1.0
+        for _ in range(iters):
+            xn = (yk - (G @ yk - b) / L).clamp_min(0)
+            tn = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+            yk = xn + ((t - 1) / tn) * (xn - x)
+            x, t = xn, tn
+        out[c, nz] = W[c, nz] * x[:, None]
+    return out

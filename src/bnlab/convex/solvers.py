@@ -217,10 +217,14 @@ def augmented_lagrangian(prob: ConvexBNProblem, tol: float = 1e-8, constraint_to
 def admm_solve(prob: ConvexBNProblem, tol: float = 1e-8, constraint_tol: float | None = None,
                max_iter: int = 20000, gated: bool = False, rho: float | None = None, alpha: float = 1.6,
                check_every: int = 10, W0: Tensor | None = None, verbose: bool = False,
-               certify: str = "program", admm_options: dict | None = None) -> ConvexSolution:
+               certify: str = "program", repair: bool = True, admm_options: dict | None = None) -> ConvexSolution:
     """Exact (C-BN) (or the gated relaxation, ``gated=True``) by ADMM with an exact cone prox (admm.py).
 
-    ``certify="program"``: stop when the program's gap <= tol and violation <= constraint_tol.
+    ``certify="program"``, ``repair=True`` (default): "repair + certify": the iterate is periodically made
+    exactly cone-feasible (admm.repair_cone + admm.polish_scale) and the best repaired objective is paired with
+    the best dual bound; stop when that gap <= tol. The returned W is the repaired point (violation <= 1e-13
+    relative, also when not converged). ``repair=False``: the previous rule (raw iterate's gap <= tol and
+    violation <= constraint_tol; W is the raw, slightly infeasible iterate).
     ``certify="network"``: the primal value is the realised ReLU network ``objective(W, gated=False)`` (the
     (NC) value of ``recover(W)``, feasible for any W); stop when it is <= dual bound + tol·|value|, i.e. the
     returned network is at least as good as the sampled-pattern optimum up to tol (solver "admm-network")."""
@@ -230,7 +234,7 @@ def admm_solve(prob: ConvexBNProblem, tol: float = 1e-8, constraint_tol: float |
     ctol = tol if constraint_tol is None else constraint_tol
     with _progress(max_iter, verbose, "admm") as bar:               # E2 weights: weighted-norm prox in admm
         r = admm(prob, tol=tol, constraint_tol=ctol, max_iter=max_iter, rho=rho, alpha=alpha, gated=gated,
-                 check_every=check_every, W0=W0, bar=bar, certify=certify, **(admm_options or {}))
+                 check_every=check_every, W0=W0, bar=bar, certify=certify, repair=repair, **(admm_options or {}))
     W = r["W"]
     ok = r["gap"] <= tol and (certify == "network" or r["violation"] <= ctol)
     name = "admm" if certify == "program" else "admm-network"
