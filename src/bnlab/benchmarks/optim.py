@@ -145,6 +145,33 @@ def gsgd_before_after(old_path: str, width: float = 0.5, rounds: int = 3,
     return out
 
 
+def compare_cpu(ours: Callable[[], Any], base: Callable[[], Any], settings: Settings) -> tuple[float, float]:
+    """:func:`bnlab.benchmarks.timing.compare` with this thread's CPU time (``time.thread_time``) instead
+    of wall time (CPU only): on a machine shared with many processes (load average >> cores) wall-time
+    samples mostly measure the scheduler; thread CPU time leaves that out (cache and memory-bandwidth
+    contention stay in). Same interleaving, warm-up and median; milliseconds per call."""
+    import math
+    import statistics
+    import time
+
+    def run(fn: Callable[[], Any], n: int) -> float:
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        return time.thread_time() - t0
+
+    first = [0.0, 0.0]
+    for _ in range(max(settings.warmup, 1)):
+        for k, fn in enumerate((ours, base)):
+            first[k] = run(fn, 1)
+    inner = max(1, math.ceil(settings.min_sample_s / max(max(first), 1e-6)))
+    samples: list[list[float]] = [[], []]
+    for r in range(settings.reps):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            samples[k].append(run(ours if k == 0 else base, inner) / inner)
+    return statistics.median(samples[0]) * 1e3, statistics.median(samples[1]) * 1e3
+
+
 def _load_old(old_path: str, name: str) -> Any:
     """Import an earlier ``bnlab/optim/<file>.py`` (a file at ``old_path``) as a private submodule of
     ``bnlab.optim`` (its relative imports resolve); the optimiser registry is left as it was."""
@@ -166,7 +193,8 @@ def _load_old(old_path: str, name: str) -> Any:
 
 
 def psi_before_after(old_path: str | None, rounds: int = 3, track_angles: bool = True, fused: bool = False,
-                     model_name: str = "resnet56", settings: Settings | None = None) -> dict[str, Any]:
+                     model_name: str = "resnet56", settings: Settings | None = None,
+                     clock: str = "wall") -> dict[str, Any]:
     """Interleaved medians (``compare``) of the PSI-SGDM step (``make_optimizer("psi-sgdm")``, lr 0.01,
     momentum 0.9) of an earlier ``optim/psi.py`` (``old_path``, e.g. ``git show 997ffbc:src/bnlab/optim/
     psi.py``; None: skip), of the current one (eager; and ``fused=True`` when asked) and of
@@ -174,7 +202,7 @@ def psi_before_after(old_path: str | None, rounds: int = 3, track_angles: bool =
     (one real forward/backward, x 1e-4 so the 1e4 guard never fires; invariance-check steps and 5
     warm-up steps first). Returns ``{"compile_s": first fused step (s) or None, "rounds": [...]}``,
     one dict per round with ``new_ms``/``sgd_ms``/``new_vs_sgd`` (and ``old_*``, ``fused_*``,
-    ``old_vs_new`` timed together).
+    ``old_vs_new`` timed together). ``clock``: ``"wall"`` (``compare``) or ``"cpu"`` (:func:`compare_cpu`).
     """
     import time
 
@@ -216,15 +244,17 @@ def psi_before_after(old_path: str | None, rounds: int = 3, track_angles: bool =
     for p, q in zip(ref.parameters(), copies["sgd"].parameters()):
         q.grad = p.grad.clone()
     steps["sgd"] = torch.optim.SGD(copies["sgd"].parameters(), lr=0.01, momentum=0.9, foreach=True).step
+    timer = (lambda x, y: compare(x, y, settings, device)) if clock == "wall" else (
+        lambda x, y: compare_cpu(x, y, settings))
     out = []
     for _ in range(rounds):
         row: dict[str, float] = {}
         for k in ("new", "old", "fused"):
             if k in steps:
-                a, b = compare(steps[k], steps["sgd"], settings, device)
+                a, b = timer(steps[k], steps["sgd"])
                 row.update({f"{k}_ms": a, f"sgd_{k}_ms": b, f"{k}_vs_sgd": a / b})
         if "old" in steps:
-            a, b = compare(steps["old"], steps["new"], settings, device)
+            a, b = timer(steps["old"], steps["new"])
             row["old_vs_new"] = a / b
         out.append(row)
     return {"compile_s": compile_s, "rounds": out}
@@ -240,6 +270,8 @@ if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD_GSGD_PY
     ap.add_argument("--fused", action="store_true", help="psi: also time fused=True (compile time reported)")
     ap.add_argument("--angles", type=int, default=1, help="psi: track_angles (default 1)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="psi: wall or thread CPU time")
+    ap.add_argument("--reps", type=int, default=9, help="samples per side (Settings.reps)")
     a = ap.parse_args()
     if a.kind.endswith(".py"):
         a.kind, a.old = "gsgd", a.kind
@@ -252,7 +284,8 @@ if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD_GSGD_PY
         for row in gsgd_before_after(a.old, rounds=a.rounds):
             print({k: round(v, 3) for k, v in row.items()})
     else:
-        res = psi_before_after(a.old, rounds=a.rounds, track_angles=bool(a.angles), fused=a.fused)
+        res = psi_before_after(a.old, rounds=a.rounds, track_angles=bool(a.angles), fused=a.fused,
+                               settings=Settings(reps=a.reps), clock=a.clock)
         print(json.dumps({"compile_s": res["compile_s"]}))
         for row in res["rounds"]:
             print({k: round(v, 3) for k, v in row.items()})

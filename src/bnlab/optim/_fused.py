@@ -91,8 +91,8 @@ def psi_update(ws: list[Tensor], gs: list[Tensor], us: list[Tensor], bs: list[Te
                 gr = -gr
             if decay:
                 gr = gr + th * lam                                     # coupled L2 (spec Sec. 3.7)
-            rg = gr * s[:, None]                                       # Riemannian gradient (eq. 7)
-            delta = bu * rho + rg * (-lr) if momentum else rg * (-lr)  # eq. 11 (paper form)
+            # eq. 11 (paper form) with the Riemannian gradient s G (eq. 7) as the eager paths round it
+            delta = bu * rho + gr * (-lr) * s[:, None] if momentum else (gr * s[:, None]) * (-lr)
             new = th + delta                                           # retraction (Prop. 3)
             if guard:
                 a = new.square().sum(1)

@@ -206,6 +206,17 @@ class _FlatLayout:
             x[self.n_w:].mul_(s[self.bias_rows])
         return x
 
+    def addcmul_rows_(self, out: Tensor, x: Tensor, s: Tensor, value: float) -> Tensor:
+        """``out_j += value * x_j * s_j`` for every row ``j`` (in place, one pass; the reference path's
+        ``_foreach_addcmul_`` element by element); returns ``out``."""
+        row = 0
+        for a, b, r, length in self.buckets:
+            out[a:b].view(r, length).addcmul_(x[a:b].view(r, length), s[row:row + r, None], value=value)
+            row += r
+        if self.bias_rows is not None:
+            out[self.n_w:].addcmul_(x[self.n_w:], s[self.bias_rows], value=value)
+        return out
+
     def views(self, flat: Tensor) -> list[Tensor]:
         """Views of the flat vector shaped like the layout's tensors."""
         return [v.view(t.shape) for v, t in zip(flat.split(self.numels), self.ts)]
@@ -607,18 +618,19 @@ class PSISGD(Optimizer):
         lam = group["psi_weight_decay"]
         if lam != 0:
             grad.add_(theta, alpha=lam)  # coupled L2 (spec Sec. 3.7)
-        rgrad = lay.scale_rows_(grad, s)  # Riemannian gradient ||theta||^2 G (eq. 7), in place
         if rho != 0:
             self._momentum_views(lay)
             if lay.ubuf2 is None:
                 lay.ubuf2 = torch.empty_like(lay.ubuf)  # type: ignore[arg-type]
                 lay.uviews2 = lay.views(lay.ubuf2)
-            # U <- rho U - lr s G (eq. 11), written to the second buffer: nothing persistent changes
-            # before the finite check below
-            delta = torch.mul(lay.ubuf, rho, out=lay.ubuf2).add_(rgrad, alpha=-lr)  # type: ignore[arg-type]
+            # U <- rho U - lr s G (eq. 11; the Riemannian gradient s G of eq. 7 inside addcmul, not
+            # materialised), written to the second buffer: nothing persistent changes before the
+            # finite check below
+            torch.mul(lay.ubuf, rho, out=lay.ubuf2)  # type: ignore[arg-type]
+            delta = lay.addcmul_rows_(lay.ubuf2, grad, s, -lr)
             dviews = lay.uviews2
         else:
-            delta = rgrad.mul_(-lr)
+            delta = lay.scale_rows_(grad, s).mul_(-lr)  # -lr ||theta||^2 G (eq. 7, 10), in place
             dviews = lay.gviews  # rgrad and delta live in lay.grad
         thr = group["renorm_threshold"]
         check = self.check_finite
@@ -924,7 +936,9 @@ class PSISGD(Optimizer):
         if lam != 0:
             gs = torch._foreach_add(gs, ts, alpha=lam)  # coupled L2 (spec Sec. 3.7)
         scale = [_bview(v.to(t.dtype), t, d) for v, t, d in zip(svec, ts, dims)]
-        rgrad = torch._foreach_mul(gs, scale)  # Riemannian gradient ||theta||^2 G (eq. 7)
+        paper = group["momentum_form"] == "paper"
+        # Riemannian gradient ||theta||^2 G (eq. 7); the paper-form momentum takes it inside addcmul
+        rgrad = None if rho != 0 and paper else torch._foreach_mul(gs, scale)
         if rho != 0:
             bufs = []
             for t in ts:
@@ -933,8 +947,8 @@ class PSISGD(Optimizer):
                     st["momentum_buffer"] = torch.zeros_like(t, memory_format=torch.preserve_format)
                 bufs.append(st["momentum_buffer"])
             torch._foreach_mul_(bufs, rho)
-            if group["momentum_form"] == "paper":
-                torch._foreach_add_(bufs, rgrad, alpha=-lr)  # U <- rho U - lr s G   (eq. 11)
+            if paper:
+                torch._foreach_addcmul_(bufs, gs, scale, value=-lr)  # U <- rho U - lr s G   (eq. 11)
                 delta = bufs
             else:
                 torch._foreach_add_(bufs, rgrad)  # b <- rho b + s G
