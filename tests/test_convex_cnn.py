@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnlab.convex.cnn import BNReLUCNN, cnn_nc_objective, conv_patches, enumerate_patterns, fit_convex_cnn
+from bnlab.convex.cnn import (
+    BNReLUCNN,
+    cnn_nc_objective,
+    conv_patches,
+    enumerate_patterns,
+    fit_convex_cnn,
+    network_patterns,
+)
 from bnlab.convex.patterns import PatternWarning, pattern_bound, sample_patterns, whiten
 from bnlab.convex.problem import ConvexBNProblem
 from bnlab.convex.recover import BNReLUNet, recover
@@ -140,6 +147,24 @@ def test_nonconvex_cnn_never_below_enumerated_optimum():
     # the check has power: with 3 sampled patterns the program is only an upper bound, beaten by local search
     p3 = _sampled(X, y, beta, (1, 2), 2, 0, gates=3).objective
     assert min(vals) < p3 - 1e-3
+
+
+def test_program_on_a_networks_patterns_is_below_that_network():
+    """With D = the realised patterns of a (locally trained) CNN, the convex optimum is <= its (NC-CNN) value,
+    and the patterns are those of the BN pre-activations (checked against the program's cone constraints)."""
+    X, y = _images(n=6, H=5, W=5, seed=8)
+    beta = 0.05
+    torch.manual_seed(0)
+    net = BNReLUCNN(1, 4, 3, 2, 1).double()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        cnn_nc_objective(net, T(X), T(y), beta).backward()
+        opt.step()
+    D = network_patterns(net, X)
+    assert D.shape == (6 * 9, 4)
+    r = fit_convex_cnn(X, y, beta, 3, 2, 1, patterns=D)
+    assert r.objective <= _nc(cnn_nc_objective(net, T(X), T(y), beta)) + 1e-7
 
 
 def test_kernel_covering_the_image_reduces_to_fc_program():

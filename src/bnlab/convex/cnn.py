@@ -32,8 +32,8 @@ from .problem import LOSSES, ConvexBNProblem
 from .recover import NeuronParams, recover
 from .solvers import ConvexSolution, solve
 
-__all__ = ["ConvPatches", "conv_patches", "enumerate_patterns", "BNReLUCNN", "cnn_nc_objective", "ConvexCNN",
-           "fit_convex_cnn"]
+__all__ = ["ConvPatches", "conv_patches", "enumerate_patterns", "network_patterns", "BNReLUCNN", "cnn_nc_objective",
+           "ConvexCNN", "fit_convex_cnn"]
 
 _CNN_SOLVERS = ("clarabel", "cvxpy", "scs", "al")
 
@@ -85,7 +85,7 @@ def enumerate_patterns(Up: np.ndarray, max_rays: int = 200_000, max_degenerate: 
                        atol: float = 1e-9) -> np.ndarray:
     """Every affine arrangement pattern ``1[U' g >= 0]`` of the rows of ``Up`` (N, q), as bool (N, P).
 
-    Exact enumeration (our construction, docs/methods/convex_cnn.md §3): the rows of ``U'`` define a central,
+    Exact enumeration (our construction, docs/methods/convex_cnn.md §2 step 6): the rows of ``U'`` define a central,
     essential arrangement in R^q; each cell is a pointed cone with an extreme ray ``d`` = the null direction of
     q−1 independent rows. The cells at ``±d`` are ``sign(±U'd)`` with every 0/1 choice on the rows where
     ``U'd = 0``. In degenerate position this is a superset of the realisable patterns, which keeps the program
@@ -210,6 +210,23 @@ def cnn_nc_objective(net: BNReLUCNN, X: Tensor, Y: Tensor, beta: float, loss: st
     g = math.sqrt(Nt) * net.bn.weight * torch.sqrt(var / (var + net.bn.eps))
     a = math.sqrt(Nt) * net.bn.bias
     return lv + 0.5 * beta * ((g ** 2).sum() + (a ** 2).sum() + (net.out.weight ** 2).sum())
+
+
+def network_patterns(net: BNReLUCNN, X) -> np.ndarray:
+    """ReLU patterns ``1[BN(M w_j) >= 0]`` (N, m) of a CNN's channels on the full batch X (n, c, H, W),
+    rows image-major as in :func:`conv_patches` (train-mode BN, running stats untouched). Adding them to the
+    program's ``D`` makes the program's optimum <= that network's (NC-CNN) value (docs §2 step 4)."""
+    X = torch.as_tensor(np.asarray(X, dtype=np.float64) if not isinstance(X, Tensor) else X)
+    was, mom = net.training, net.bn.momentum
+    net.bn.momentum = 0.0
+    net.train()
+    try:
+        with torch.no_grad():
+            Z = net.bn(net.conv(X.to(net.conv.weight.dtype)))                     # (n, m, Ho, Wo)
+    finally:
+        net.train(was)
+        net.bn.momentum = mom
+    return (Z.permute(0, 2, 3, 1).reshape(-1, Z.shape[1]) >= 0).numpy()
 
 
 @dataclass
