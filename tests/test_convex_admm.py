@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab.convex.admm import zprox_logistic, zprox_squared, zprox_squared_newton
+from bnlab.convex.admm import admm, polish_scale, repair_cone, zprox_logistic, zprox_squared, zprox_squared_newton
 from bnlab.convex.patterns import PatternWarning, sample_patterns, whiten
 from bnlab.convex.problem import ConvexBNProblem
 from bnlab.convex.solvers import ConvergenceWarning, solve
@@ -82,8 +82,9 @@ def test_admm_matches_clarabel_and_certifies(seed, beta):
     prob = _problem(seed=seed, beta=beta)
     ref = solve(prob, "clarabel")
     sol = solve(prob, "admm", tol=1e-8)
-    assert sol.converged and sol.gap <= 1e-8 and sol.violation <= 1e-8
+    assert sol.converged and sol.gap <= 1e-8 and sol.violation <= 1e-12      # repaired: exactly feasible
     assert abs(sol.objective - ref.objective) <= 1e-6 * ref.objective
+    assert abs(sol.objective - float(prob.objective(T(sol.W)))) <= 1e-12 * sol.objective   # value of W itself
     assert sol.dual_bound <= ref.objective * (1 + 1e-9)             # a valid lower bound
     assert all(h["dual"] <= ref.objective * (1 + 1e-9) for h in sol.history)   # at every checked iterate
     assert solve(prob, "auto", tol=1e-6).solver == "admm"
@@ -121,7 +122,14 @@ def test_admm_reports_nonconvergence_and_bad_arguments():
     prob = _problem()
     with pytest.warns(ConvergenceWarning, match="relative duality gap"):
         sol = solve(prob, "admm", max_iter=20)
-    assert not sol.converged
+    assert not sol.converged and sol.gap > 1e-8 and np.isfinite(sol.gap)   # reports its gap, claims nothing
+    assert sol.violation <= 1e-12                                            # still a feasible (repaired) point
+    assert sol.objective >= sol.dual_bound
+    with pytest.warns(ConvergenceWarning):
+        raw = solve(prob, "admm", max_iter=20, repair=False)                 # old rule: the raw iterate
+    assert not raw.converged and raw.violation > 1e-12
+    with pytest.raises(ValueError, match="repair_every"):
+        admm(prob, repair_every=0)
     with pytest.raises(ValueError, match="solver must be one of"):
         solve(prob, "newton")
     pooled = ConvexBNProblem(prob.Up, prob.D, prob.Y[:, :6], 0.1, pool=2)
@@ -166,3 +174,55 @@ def test_estimator_admm_network_reports_its_networks_objective():
     Y = T(2.0 * y - 1)[:, None]
     nc = float(nc_objective(clf.to_torch(), T(X), Y, 0.1))
     assert abs(nc - cert["objective"]) <= 1e-7 * cert["objective"]
+
+
+def test_repair_cone_is_exactly_feasible_and_polish_is_optimal_rescaling():
+    from scipy.optimize import minimize
+
+    p = _problem(seed=1, beta=0.1)
+    W = admm(p, tol=1e-12, max_iter=30, repair=False)["W"]                  # an infeasible ADMM iterate
+    A = p.A.T[None]
+    G = A * p.hidden(W)
+    assert float(p.violation(W)) > 1e-4
+    Wr, info = repair_cone(p, W)
+    Gr = A * p.hidden(Wr)
+    assert float(Gr.min()) >= -1e-13 * float(Gr.abs().max()) and info["blocks"] > 0
+    ok = (G >= 0).all(-1)                                                    # feasible blocks are untouched
+    assert torch.equal(Wr[ok], W[ok])
+    assert bool((Wr.norm(dim=-1) <= W.norm(dim=-1) * (1 + 1e-12)).all())     # a projection: no norm growth
+    viol_rows = (G < 0) & (Wr.norm(dim=-1, keepdim=True) > 0)               # violated rows now hold with equality
+    assert float(Gr[viol_rows].abs().max()) <= 1e-12 * float(Gr.abs().max())
+    # polish: nonnegative rescaling of the blocks (checked against L-BFGS-B on c), feasibility kept
+    Wp = polish_scale(p, Wr, iters=2000)
+    assert float(p.violation(Wp)) <= 1e-13
+    nz = (Wr[0].norm(dim=-1) > 0).nonzero().flatten()
+    F = ((Wr[0, nz] @ p.Up.T) * p.Dsgn.T[nz] * p.sigma[nz, None]).numpy()
+    nrm, y = Wr[0, nz].norm(dim=-1).numpy(), p.Y[0].numpy()
+
+    def f(c):
+        r = F.T @ c - y
+        return 0.5 * r @ r + p.beta * nrm @ c, F @ r + p.beta * nrm
+
+    ref = minimize(f, np.ones(len(nz)), jac=True, bounds=[(0, None)] * len(nz), method="L-BFGS-B",
+                   options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000}).fun
+    assert ref * (1 - 1e-9) <= float(p.objective(Wp)) <= ref * (1 + 1e-6)   # FISTA: near the optimal rescale
+    assert float(p.objective(Wp)) < float(p.objective(Wr)) - 1e-6            # it did something
+
+
+def test_admm_program_certificate_on_digits_matches_clarabel():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    m = y < 2
+    X, y = X[m][:80] / 16.0, np.where(y[m][:80] == 1, 1.0, -1.0)
+    wh = whiten(X, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatternWarning)
+        D = sample_patterns(wh.Up, 25, seed=0)
+    prob = ConvexBNProblem(T(wh.Up), T(D), T(y), 0.5)
+    ref = solve(prob, "clarabel", solver_opts={"tol_gap_rel": 1e-10, "tol_gap_abs": 1e-10, "tol_feas": 1e-10})
+    sol = solve(prob, "admm", tol=1e-7)
+    assert sol.converged and sol.solver == "admm" and sol.gap <= 1e-7
+    assert float(prob.violation(T(sol.W))) <= 1e-12                         # recomputed, not just reported
+    assert abs(sol.objective - ref.objective) <= 1e-6 * ref.objective
+    assert sol.dual_bound <= ref.objective * (1 + 1e-9)
