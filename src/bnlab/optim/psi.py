@@ -177,6 +177,11 @@ class _FlatLayout:
                                for _ in range(2))
         lay.gviews, lay.thviews = lay.views(lay.grad), lay.views(lay.theta)
         lay.ubuf, lay.uviews = None, []
+        lay.flat_params = all(t.is_contiguous() for t in params)  # parameters become views of theta
+        if lay.flat_params:
+            torch._foreach_copy_(lay.thviews, [t.detach() for t in params])
+            for t, v in zip(params, lay.thviews):
+                t.data = v
         return lay
 
     def rows_dot(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -495,10 +500,11 @@ class PSISGD(Optimizer):
     def _sgd_step_flat(self, gi: int, group: dict[str, Any]) -> bool:
         """``torch.optim.SGD(foreach=True)``'s update for one Euclidean group on one flat gradient
         buffer (``_multi_tensor_sgd``'s ops, same order, elementwise identical): a handful of
-        whole-group ops and one foreach over the parameters instead of three. Momentum buffers are
-        views of one flat buffer. Returns False (nothing done) where torch's kernel is used instead:
-        ``foreach`` not True, missing/sparse grads, mixed dtypes or devices, tensor lr, buffers
-        partly initialised."""
+        whole-group ops instead of three foreach. Momentum buffers are views of one flat buffer, and so
+        are the (contiguous) parameters themselves, ``p.data`` set once when the layout is built, as
+        for the PSI groups: the update is one flat ``add_``. Returns False (nothing done) where torch's
+        kernel is used instead: ``foreach`` not True, missing/sparse grads, mixed dtypes or devices,
+        tensor lr, buffers partly initialised."""
         params: list[Tensor] = group["params"]
         if group["foreach"] is not True or not params or not isinstance(group["lr"], (int, float)):
             return False
@@ -512,6 +518,7 @@ class PSISGD(Optimizer):
             if dt not in (torch.float32, torch.float64) or any(p.dtype != dt or p.device != dev for p in params):
                 return False
             lay = _FlatLayout.euclidean(key, params)
+            lay.key = _layout_key(params)  # the parameters moved into the flat buffer
             self._elayouts[gi] = lay
         torch._foreach_copy_(lay.gviews, gs)  # gather into the flat buffer, one dispatch
         grad = lay.grad
@@ -519,9 +526,10 @@ class PSISGD(Optimizer):
             grad.neg_()
         wd, rho = group["weight_decay"], group["momentum"]
         if wd != 0:
-            torch._foreach_copy_(lay.thviews, params)
+            if not lay.flat_params:
+                torch._foreach_copy_(lay.thviews, params)
             grad.add_(lay.theta, alpha=wd)
-        step_views = lay.gviews
+        step_views, step_flat = lay.gviews, grad
         if rho != 0:
             st = self.state
             if lay.ubuf is None or not all(st[p].get("momentum_buffer") is v for p, v in zip(params, lay.uviews)):
@@ -543,8 +551,11 @@ class PSISGD(Optimizer):
             if group["nesterov"]:
                 grad.add_(lay.ubuf, alpha=rho)
             else:
-                step_views = lay.uviews
-        torch._foreach_add_(params, step_views, alpha=-group["lr"])
+                step_views, step_flat = lay.uviews, lay.ubuf
+        if lay.flat_params:
+            lay.theta.add_(step_flat, alpha=-group["lr"])  # the parameters, as one flat tensor
+        else:
+            torch._foreach_add_(params, step_views, alpha=-group["lr"])
         return True
 
     # -- fast path ------------------------------------------------------------------------------
