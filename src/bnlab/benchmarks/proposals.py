@@ -11,7 +11,10 @@ tested for equality with the current code.
   plain sum plus one pass of the BN backward kernel, var_mean fallback for ill-conditioned
   channels), normalises with the inference-mode kernel (one pass, running stats = the batch
   moments) and backpropagates with PyTorch's own training-mode BN backward kernel, so the
-  gradient formula is PyTorch's. Running buffers follow the BN rule.
+  gradient formula is PyTorch's. Running buffers follow the BN rule. CompleteBatchNorm with ReLU
+  no longer standardises through ``BatchStats`` in training (``bnlab.nn.cbn._FusedReLU`` computes its
+  own moments), so this now matters for ``BatchNormAct``, CBN with other activations and the
+  reference path only (not needed for issue 7's CBN targets, see docs/results/speed_cbn.md).
 """
 
 from __future__ import annotations
