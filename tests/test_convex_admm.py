@@ -226,3 +226,15 @@ def test_admm_program_certificate_on_digits_matches_clarabel():
     assert float(prob.violation(T(sol.W))) <= 1e-12                         # recomputed, not just reported
     assert abs(sol.objective - ref.objective) <= 1e-6 * ref.objective
     assert sol.dual_bound <= ref.objective * (1 + 1e-9)
+
+
+def test_bench_rows_mapping_keeps_target_and_certificate():
+    from bnlab.benchmarks.convex import _result
+
+    row = {"name": "ADMM vs Clarabel", "size": "n=500", "ours_ms": 10.0, "baseline_ms": 400.0, "ratio": 0.025,
+           "target": 0.05, "rel_gap": 3e-5, "certified": True, "gap": 9e-5, "iterations": 1500}
+    r = _result(row, "cpu")
+    assert r.name == "convex/ADMM vs Clarabel" and r.ratio == 0.025 and r.met is True
+    assert r.extra["iterations"] == 1500 and "certified=True" in r.note
+    r2 = _result(dict(row, ours_ms=30.0), "cpu")
+    assert r2.met is False                                          # 30/400 = 0.075 > 0.05
