@@ -267,3 +267,13 @@ def test_beta_above_threshold_gives_zero_network_and_clear_error():
     assert abs(r.objective - 0.5 * float(y @ y)) <= 1e-6 * float(y @ y)     # f = 0 is optimal for large beta
     with pytest.raises(ValueError, match="width 0"):
         r.network()
+
+
+def test_truncated_whitening_recovers_filters_in_top_k_span():
+    X, y = _images(n=6, H=5, W=5, seed=10)
+    r = _sampled(X, y, 0.05, 3, 2, 1, gates=40, k=2)                        # spec §5.3 E1 on the patch matrix
+    assert r.whitening.q == 3
+    Vk = r.whitening.V                                                       # (9, 2)
+    Wf = r.network().conv.weight.detach().reshape(r.params.width, -1).numpy().T
+    np.testing.assert_allclose(Vk @ (Vk.T @ Wf), Wf, atol=1e-10)
+    assert abs(_nc(cnn_nc_objective(r.network(), T(X), T(y), 0.05)) - r.objective) <= 1e-6 * r.objective
