@@ -219,3 +219,15 @@ def test_fused_other_ranks_equal_plain_path(dims, shape, preset):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     for (k, a), (_, b) in zip(m.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_cbn_preset_benchmark_rows_use_the_fused_path():
+    """The issue-7 benchmark (bench/bench_norms.py --cbn) times the fused path (smoke run, tiny)."""
+    from bnlab.benchmarks.norms import cbn_presets
+    from bnlab.benchmarks.timing import Settings
+
+    rows = list(cbn_presets(1, Settings(warmup=1, reps=1, min_sample_s=0.0), shapes=[(4, 4, 3, 3)],
+                            presets=["double", "split_pre"]))
+    assert [r.name for r in rows] == ["norm/cbn:double", "norm/cbn:split_pre"]
+    assert [r.extra["grad_fn"] for r in rows] == ["_FusedReLUBackward", "_SplitPreReLUBackward"]
+    assert all(r.ours_ms > 0 and r.baseline_ms > 0 for r in rows)
