@@ -174,6 +174,7 @@ def test_fused_flag_is_validated():
 
 # -- the compiled kernel: one small test (compiles once, ~10-30 s on a loaded 2-core CPU) --------
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_step_matches_eager_fast_path():
     pytest.importorskip("torch._inductor")
     cfg = dict(GUARD)

@@ -20,6 +20,9 @@ reductions (tests: float64 to 1e-12, float32 to 1e-6, several steps). Nothing is
 finite check fails (every write is ``where(ok, new, old)``); the caller then runs the reference path,
 which raises the precise error. The overflow guard's rescaling (rare) stays eager in the caller.
 
+Measured on a 2-core CPU (``docs/results/speed_optim.md``): slower than the eager flat path (inductor's
+C++ materialises intermediates), 96-139 s to compile for ResNet-56; hence opt-in, for GPUs.
+
 Compilation: ``dynamic=False`` (one graph per model shape set and option combination, cached by
 dynamo for the process; its recompile limit, 8 by default, applies: past it dynamo runs the same
 function eagerly, still correct). Scalars (lr, rho, ...) are 0-d tensors so that a learning-rate

@@ -283,10 +283,12 @@ class PSISGD(Optimizer):
             ``{(group_index, w_idx): (running_mean, running_var)}``; rescaled with their unit.
         track_angles: accumulate the angular step per layer for :meth:`telemetry`.
         foreach: passed to ``torch.optim.sgd.sgd`` for the Euclidean groups.
-        fused: ``True``: PSI groups step through one compiled kernel per step
-            (:mod:`bnlab.optim._fused`, ``torch.compile``; no gathers, ~5 passes instead of ~10; the
-            first step compiles, ~10-60 s on CPU). ``False`` (default): the eager paths. Configurations
-            the fast path does not cover, and the invariance-check steps, run eagerly either way.
+        fused: ``True``: PSI groups step through one compiled graph per step
+            (:mod:`bnlab.optim._fused`, ``torch.compile``, no gathers). Slower than the eager path on
+            CPU (measured 2.1-2.3x SGD vs 1.4x, first step compiles 1-2 min for ResNet-56;
+            ``docs/results/speed_optim.md``); meant for GPUs (unmeasured). ``False`` (default): the
+            eager paths. Configurations the fast path does not cover, and the invariance-check
+            steps, run eagerly either way.
     """
 
     def __init__(
