@@ -592,6 +592,8 @@ def _run_pair(cfg: dict, steps: int = 12, norms: float | None = 0.1):
     dict(lr=0.5, momentum=0.0, psi_weight_decay=0.1, maximize=True, renorm_threshold=None),
     dict(lr=0.2, momentum=0.9, renorm_threshold=0.12, renorm_target=0.1, foreach=True, e_momentum=0.9,
          track_angles=False),
+    dict(lr=0.1, momentum=0.9, maximize=True, renorm_threshold=None),              # ungathered G, ascent
+    dict(lr=0.1, momentum=0.5, psi_weight_decay=0.05, renorm_threshold=None),      # gathered G, momentum
 ])
 def test_fast_path_bit_equal_to_reference_path(cfg):
     (net_f, opt_f), (net_r, opt_r) = _run_pair(dict(cfg))

@@ -142,6 +142,10 @@ class _FlatLayout:
         self.bn_v: list[tuple[int, Tensor]] = []
         self.count_views: list[Tensor] = []
         self.bias_rows = torch.tensor(bias_rows, dtype=torch.long, device=dev) if bias_rows else None
+        # s_j in a persistent buffer, with a view per tensor (layout order) shaped to broadcast against it
+        self.s_buf = torch.empty(row, dtype=params[units[0][0]].dtype, device=dev)
+        self.s_views = [self.s_buf[slice(*self.row_ranges[k])].view(cs) for k, cs in zip(weights, self.cshapes)] + \
+            [self.s_buf[slice(*self.row_ranges[k])] for k in self.bias_of]
         self.numels = [t.numel() for t in self.ts]
         self.total = sum(self.numels)
         t0 = params[units[0][0]]
@@ -621,14 +625,17 @@ class PSISGD(Optimizer):
         if any(g is None or g.is_sparse for g in gs):
             return False
         lr = group["lr"]
+        lam = group["psi_weight_decay"]
+        # with momentum and no decay G enters only the buffer update: no gather, it is read in place
+        direct = rho != 0 and lam == 0
         if not lay.flat_params:
             torch._foreach_copy_(lay.thviews, lay.ts)  # gather into the flat buffer
-        torch._foreach_copy_(lay.gviews, gs)  # one dispatch
         theta, grad = lay.theta, lay.grad
-        if group["maximize"]:
-            grad.neg_()
+        if not direct:
+            torch._foreach_copy_(lay.gviews, gs)  # one dispatch
+            if group["maximize"]:
+                grad.neg_()
         s = lay.rows_dot(theta)  # s_j = ||w_j||^2 + b_j^2
-        lam = group["psi_weight_decay"]
         if lam != 0:
             grad.add_(theta, alpha=lam)  # coupled L2 (spec Sec. 3.7)
         if rho != 0:
@@ -640,7 +647,12 @@ class PSISGD(Optimizer):
             # materialised), written to the second buffer: nothing persistent changes before the
             # finite check below
             torch.mul(lay.ubuf, rho, out=lay.ubuf2)  # type: ignore[arg-type]
-            delta = lay.addcmul_rows_(lay.ubuf2, grad, s, -lr)
+            if direct:  # per tensor, G as autograd left it (maximize: -lr * -G == lr * G exactly)
+                lay.s_buf.copy_(s)
+                torch._foreach_addcmul_(lay.uviews2, gs, lay.s_views, value=lr if group["maximize"] else -lr)
+                delta = lay.ubuf2
+            else:
+                delta = lay.addcmul_rows_(lay.ubuf2, grad, s, -lr)
             dviews = lay.uviews2
         else:
             delta = lay.scale_rows_(grad, s).mul_(-lr)  # -lr ||theta||^2 G (eq. 7, 10), in place
