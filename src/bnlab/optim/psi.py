@@ -612,8 +612,10 @@ class PSISGD(Optimizer):
         retraction with the overflow guard, no transport). Returns False (nothing done) when the
         configuration needs the reference path: the invariance check steps, ``project_grad``,
         ``momentum_form="torch"``, ``retraction="normalize"``, ``transport="project"``, missing or
-        sparse gradients, or a layout :meth:`_layout` refuses. Host syncs: one for ``check_finite``,
-        one for the guard (skipped when ``renorm_threshold`` is None)."""
+        sparse gradients, or a layout :meth:`_layout` refuses. Host syncs: one (the finite check and
+        the guard's triangle bound together), plus one when the bound comes near the threshold.
+        Memory passes: see ``docs/methods/psi_manifold.md`` (no weight gather: the parameters are
+        views of ``lay.theta``; no gradient gather with momentum and no decay)."""
         rho = group["momentum"]
         if guard or group["project_grad"] or group["retraction"] != "additive" or (rho != 0 and (
                 group["momentum_form"] != "paper" or group["transport"] != "none")):
