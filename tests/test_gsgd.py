@@ -181,6 +181,7 @@ def test_plain_groups_are_exactly_torch_sgd(sgd):
             o.zero_grad()
             m(x).square().sum().backward()
             o.step()
+    assert 0 in oa._elayouts  # the flat path (bnlab.optim.psi.flat_sgd_step) ran
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
 

@@ -23,7 +23,9 @@ Implementation (``GSGD.step``): the masked formulas above are evaluated densely 
 ``(C_out, H * taps)`` view), then the ``H`` skeleton entries per layer are fixed with ``index_copy_``
 (layer 1: ``v R``; layers >= 2: their saved constants; momentum buffers: 0), ``sigma`` is the dense
 ``sum(w * g)`` minus the skeleton terms, blocks with equal hyper-parameters share one set of (H,)
-vector ops and ``torch._foreach_*`` calls on layer 1. ``gsgd_step_block`` is the plain masked,
+vector ops and ``torch._foreach_*`` calls on layer 1. Plain groups run
+:func:`bnlab.optim.psi.flat_sgd_step` (``torch.optim.SGD(foreach=True)`` bit for bit on one flat
+buffer; their contiguous parameters become views of it, ``p.data`` set once). ``gsgd_step_block`` is the plain masked,
 out-of-place form, kept as a readable reference (the tests use their own copy).
 """
 
@@ -39,6 +41,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
 from ..path.skeleton import ROLES, skeleton_mask
+from .psi import flat_sgd_step
 
 __all__ = ["GSGD", "gsgd_step_block"]
 
@@ -217,6 +220,7 @@ class GSGD(Optimizer):
         self.check = check
         self._layers: dict[tuple, _Layer] = {}
         self._scratches: dict[tuple, Tensor] = {}
+        self._elayouts: dict[int, Any] = {}  # flat layouts of the plain groups (bnlab.optim.psi.flat_sgd_step)
         self._warned: set[str] = set()
         self._reset_telemetry()
         for group in self.param_groups:
@@ -301,9 +305,12 @@ class GSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches: dict[tuple, list[dict[str, Any]]] = {}
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             if group["roles"] is None:
-                self._sgd_group(group)
+                # torch.optim.SGD(foreach=True)'s update on one flat buffer (bit-identical); else torch's kernel
+                if not flat_sgd_step(self.state, self._elayouts, gi, group,
+                                     True if group["foreach"] is None else group["foreach"]):
+                    self._sgd_group(group)
             elif any(p.grad is not None for p in group["params"]):
                 p0 = group["params"][0]
                 key = (*(group[k] for k in _HYPER), p0.dtype, p0.device)

@@ -38,7 +38,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from . import register_optimizer
 
-__all__ = ["PSISGD", "psi_param_groups"]
+__all__ = ["PSISGD", "flat_sgd_step", "psi_param_groups"]
 
 _MOMENTUM_FORMS = ("paper", "torch")
 _RETRACTIONS = ("additive", "normalize")
@@ -255,6 +255,70 @@ class _FusedLayout:
         self.ang_steps = 0
         self.compiled = False  # the first call compiled successfully
 
+
+def flat_sgd_step(state: Any, cache: dict[int, _FlatLayout], gi: int, group: dict[str, Any],
+                  foreach: bool | None) -> bool:
+    """``torch.optim.SGD(foreach=True)``'s update for one Euclidean group on one flat gradient
+    buffer (``_multi_tensor_sgd``'s ops, same order, elementwise identical): a handful of
+    whole-group ops instead of three foreach. Momentum buffers are views of one flat buffer, and so
+    are the (contiguous) parameters themselves, ``p.data`` set once when the layout is built, as
+    for the PSI groups: the update is one flat ``add_``. Returns False (nothing done) where torch's
+    kernel is used instead: ``foreach`` not True, missing/sparse grads, mixed dtypes or devices,
+    tensor lr, buffers partly initialised. ``state``: the optimiser's state (momentum buffers),
+    ``cache``: its layouts by group index ``gi``; shared by :class:`PSISGD` and
+    :class:`bnlab.optim.gsgd.GSGD`."""
+    params: list[Tensor] = group["params"]
+    if foreach is not True or not params or not isinstance(group["lr"], (int, float)):
+        return False
+    gs = [p.grad for p in params]
+    if any(g is None or g.is_sparse for g in gs):
+        return False
+    key = _layout_key(params)
+    lay = cache.get(gi)
+    if lay is None or lay.key != key:
+        dt, dev = params[0].dtype, params[0].device
+        if dt not in (torch.float32, torch.float64) or any(p.dtype != dt or p.device != dev for p in params):
+            return False
+        lay = _FlatLayout.euclidean(key, params)
+        lay.key = _layout_key(params)  # the parameters moved into the flat buffer
+        cache[gi] = lay
+    torch._foreach_copy_(lay.gviews, gs)  # gather into the flat buffer, one dispatch
+    grad = lay.grad
+    if group["maximize"]:
+        grad.neg_()
+    wd, rho = group["weight_decay"], group["momentum"]
+    if wd != 0:
+        if not lay.flat_params:
+            torch._foreach_copy_(lay.thviews, params)
+        grad.add_(lay.theta, alpha=wd)
+    step_views, step_flat = lay.gviews, grad
+    if rho != 0:
+        st = state
+        if lay.ubuf is None or not all(st[p].get("momentum_buffer") is v for p, v in zip(params, lay.uviews)):
+            have = [st[p].get("momentum_buffer") for p in params]
+            if any(h is None for h in have) and not all(h is None for h in have):
+                return False
+            lay.ubuf = torch.empty_like(grad)
+            lay.uviews = lay.views(lay.ubuf)
+            if have[0] is None:
+                lay.ubuf.copy_(grad)  # torch: buf = clone(grad) on the first step
+            else:
+                for v, h in zip(lay.uviews, have):
+                    v.copy_(h)
+                lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
+            for p, v in zip(params, lay.uviews):
+                st[p]["momentum_buffer"] = v
+        else:
+            lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
+        if group["nesterov"]:
+            grad.add_(lay.ubuf, alpha=rho)
+        else:
+            step_views, step_flat = lay.uviews, lay.ubuf
+    if lay.flat_params:
+        lay.theta.add_(step_flat, alpha=-group["lr"])  # the parameters, as one flat tensor
+    else:
+        torch._foreach_add_(params, step_views, alpha=-group["lr"])
+    return True
 
 class PSISGD(Optimizer):
     """PSI-GD / PSI-SGD / PSI-SGDM (Yi, UAI 2022, eqs. 9-12, Algorithm 1) with SGD groups.
@@ -504,65 +568,8 @@ class PSISGD(Optimizer):
                 self.state[p]["momentum_buffer"] = b
 
     def _sgd_step_flat(self, gi: int, group: dict[str, Any]) -> bool:
-        """``torch.optim.SGD(foreach=True)``'s update for one Euclidean group on one flat gradient
-        buffer (``_multi_tensor_sgd``'s ops, same order, elementwise identical): a handful of
-        whole-group ops instead of three foreach. Momentum buffers are views of one flat buffer, and so
-        are the (contiguous) parameters themselves, ``p.data`` set once when the layout is built, as
-        for the PSI groups: the update is one flat ``add_``. Returns False (nothing done) where torch's
-        kernel is used instead: ``foreach`` not True, missing/sparse grads, mixed dtypes or devices,
-        tensor lr, buffers partly initialised."""
-        params: list[Tensor] = group["params"]
-        if group["foreach"] is not True or not params or not isinstance(group["lr"], (int, float)):
-            return False
-        gs = [p.grad for p in params]
-        if any(g is None or g.is_sparse for g in gs):
-            return False
-        key = _layout_key(params)
-        lay = self._elayouts.get(gi)
-        if lay is None or lay.key != key:
-            dt, dev = params[0].dtype, params[0].device
-            if dt not in (torch.float32, torch.float64) or any(p.dtype != dt or p.device != dev for p in params):
-                return False
-            lay = _FlatLayout.euclidean(key, params)
-            lay.key = _layout_key(params)  # the parameters moved into the flat buffer
-            self._elayouts[gi] = lay
-        torch._foreach_copy_(lay.gviews, gs)  # gather into the flat buffer, one dispatch
-        grad = lay.grad
-        if group["maximize"]:
-            grad.neg_()
-        wd, rho = group["weight_decay"], group["momentum"]
-        if wd != 0:
-            if not lay.flat_params:
-                torch._foreach_copy_(lay.thviews, params)
-            grad.add_(lay.theta, alpha=wd)
-        step_views, step_flat = lay.gviews, grad
-        if rho != 0:
-            st = self.state
-            if lay.ubuf is None or not all(st[p].get("momentum_buffer") is v for p, v in zip(params, lay.uviews)):
-                have = [st[p].get("momentum_buffer") for p in params]
-                if any(h is None for h in have) and not all(h is None for h in have):
-                    return False
-                lay.ubuf = torch.empty_like(grad)
-                lay.uviews = lay.views(lay.ubuf)
-                if have[0] is None:
-                    lay.ubuf.copy_(grad)  # torch: buf = clone(grad) on the first step
-                else:
-                    for v, h in zip(lay.uviews, have):
-                        v.copy_(h)
-                    lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
-                for p, v in zip(params, lay.uviews):
-                    st[p]["momentum_buffer"] = v
-            else:
-                lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
-            if group["nesterov"]:
-                grad.add_(lay.ubuf, alpha=rho)
-            else:
-                step_views, step_flat = lay.uviews, lay.ubuf
-        if lay.flat_params:
-            lay.theta.add_(step_flat, alpha=-group["lr"])  # the parameters, as one flat tensor
-        else:
-            torch._foreach_add_(params, step_views, alpha=-group["lr"])
-        return True
+        """:func:`flat_sgd_step` for Euclidean group ``gi`` (layouts cached in ``self._elayouts``)."""
+        return flat_sgd_step(self.state, self._elayouts, gi, group, group["foreach"])
 
     # -- fast path ------------------------------------------------------------------------------
     _use_fast = True  # tests switch it off to compare against the reference path
