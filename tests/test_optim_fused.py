@@ -204,3 +204,22 @@ def test_trainer_resume_with_psi_sgdm_is_bit_identical(tmp_path):
     a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt") for n in ("full", "part"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_channels_last_weights_stay_put_and_match_reference():
+    """Non-contiguous parameters (channels_last convs) are not re-viewed; they are gathered each step,
+    with the reference path's results up to rounding (its row norms reduce channels_last memory in
+    another order, so not bit for bit)."""
+    data = batches(6)
+    runs = []
+    for fast in (True, False):
+        net = make_net().to(memory_format=torch.channels_last)
+        _set_row_norms(net, 0.1)
+        opt = psi_opt(net, bn_stats=net, guard_steps=1, **GUARD)
+        opt._use_fast = fast
+        train(net, opt, data)
+        runs.append((net, opt))
+    (net_f, opt_f), (net_r, _) = runs
+    assert not opt_f._layouts[0].flat_params
+    assert net_f.c2.weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_same(net_f, net_r, atol=1e-12)
