@@ -112,3 +112,18 @@ def test_implicit_vs_gd_rows():
     assert rows[0]["NC_objective"] == pytest.approx(rows[0]["convex_objective"], rel=1e-5)
     # E2: the realised (NC) uses the unweighted BN penalty, so it differs from the weighted objective
     assert rows[1]["NC_objective"] != pytest.approx(rows[1]["convex_objective"], rel=1e-3)
+
+
+def test_convex_suite_grid_covers_deliverable_8():
+    from pathlib import Path
+
+    from bnlab.suites.convex import grid
+
+    a, b = grid(False, Path("/data"))
+    cells = {(s["name"], s["classes"] is None, s["n"]) for s in a}
+    assert cells == {(d, ten, n) for d in ("cifar10", "fashion_mnist") for ten in (False, True)
+                     for n in (500, 2000, 10000)}
+    assert {(s["name"], s["n"]) for s in b} == {("cifar10", 2000), ("fashion_mnist", 2000)}
+    assert all(s["root"] == f"/data/{s['name']}.npz" for s in a + b)
+    qa, qb = grid(True, Path("/data"))
+    assert all(s["name"] == "digits" and s["n"] <= 60 for s in qa + qb)
