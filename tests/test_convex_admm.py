@@ -207,6 +207,10 @@ def test_repair_cone_is_exactly_feasible_and_polish_is_optimal_rescaling():
                    options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10000}).fun
     assert ref * (1 - 1e-9) <= float(p.objective(Wp)) <= ref * (1 + 1e-6)   # FISTA: near the optimal rescale
     assert float(p.objective(Wp)) < float(p.objective(Wr)) - 1e-6            # it did something
+    # far from converged (3 iterations): blocks that collapse to rounding noise are dropped, not rescaled up
+    W3 = admm(p, tol=1e-12, max_iter=3, repair=False)["W"]
+    W3r, _ = repair_cone(p, W3)
+    assert float(p.violation(W3r)) <= 1e-12 and float(p.violation(polish_scale(p, W3r))) <= 1e-12
 
 
 def test_admm_program_certificate_on_digits_matches_clarabel():

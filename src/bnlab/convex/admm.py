@@ -179,8 +179,9 @@ def repair_cone(p: ConvexBNProblem, W: Tensor, rounds: int = 10, rank_tol: float
     projection onto the subspace ``{v : g_i·v = 0, i ∈ S}``: ``w ← (I - Π_S) w``, ``Π_S`` the projector onto
     ``range(U'^T diag(1_S) U')`` (``(2D-1)² = 1``), from a batched (B, q, q) eigendecomposition over the
     violating blocks only. Rows in S then hold with equality (to rounding), rows outside S are feasible; a
-    block still violated after ``rounds`` (or by more than 1e-13 of ``max |U'W|``) is set to 0, which is
-    always feasible. The projection never increases ``||w||``; with violations of order ε the move is O(ε).
+    block still violated after ``rounds`` (by more than 1e-13 of ``max |U'W|`` or 1e-12 of its own
+    ``max |U'w_j|``, e.g. a block that collapsed to rounding noise) is set to 0, which is always feasible.
+    The projection never increases ``||w||``; with violations of order ε the move is O(ε).
 
     Returns ``(W_feasible, info)``, info: blocks repaired, rounds used, blocks zeroed."""
     C, J, q = W.shape
@@ -210,8 +211,10 @@ def repair_cone(p: ConvexBNProblem, W: Tensor, rounds: int = 10, rank_tol: float
             break
         Sb[todo] |= new
         todo = todo[grow]
-    worst = (-(Ab * (w @ Up.T))).clamp_min(0).amax(-1)                # rounding only, unless not converged
-    drop = worst > 1e-13 * scale
+    Hb = Ab * (w @ Up.T)
+    worst = (-Hb).clamp_min(0).amax(-1)                               # rounding only, unless not converged
+    own = Hb.abs().amax(-1)                                            # the block's own scale: a block that
+    drop = (worst > 1e-13 * scale) | (worst > 1e-12 * own)            # collapsed to rounding noise is dropped
     info["zeroed"] = int(drop.sum())
     w = torch.where(drop[:, None], torch.zeros_like(w), w)
     Wf[bad] = w
@@ -368,11 +371,15 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
             if (n_checks % repair_every == 0 and it - last_repair >= repair_frac * it) or it >= max_iter:
                 last_repair = it
                 Wr, info = repair_cone(p, W)
+                vr = float(p.violation(Wr))
                 if polish:
-                    Wr = polish_scale(p, Wr)
+                    Wq = polish_scale(p, Wr)
+                    vq = float(p.violation(Wq))
+                    if vq <= max(vr, 1e-13):                              # keep the polish only if still feasible
+                        Wr, vr = Wq, vq
                 pr = float(p.objective(Wr))
-                if pr < best_pv:
-                    best_pv, best_W, best_viol = pr, Wr, float(p.violation(Wr))
+                if pr < best_pv and vr <= 1e-12:                              # only feasible points are candidates
+                    best_pv, best_W, best_viol = pr, Wr, vr
                 rec.update(repaired=pr, repaired_blocks=info["blocks"], zeroed=info["zeroed"])
             gap = (best_pv - best_db) / max(1.0, abs(best_pv))
             rec.update(best_primal=best_pv, best_dual=best_db, certified_gap=gap)
@@ -380,7 +387,7 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
         if bar is not None:
             bar.set_postfix(gap=f"{gap:.1e}", viol=f"{viol:.0e}")
         if use_repair:
-            if gap <= tol and best_viol <= 1e-12:
+            if gap <= tol:                                                # best_W is feasible (<= 1e-12)
                 break
         elif gap <= tol and (certify == "network" or viol <= ctol):
             break
@@ -396,9 +403,9 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
             if aa is not None:
                 aa.reset()
     if use_repair:
-        if best_W is None:                                            # no check ran: repair the last iterate
-            best_W, _ = repair_cone(p, W)
-            best_pv, best_viol = float(p.objective(best_W)), float(p.violation(best_W))
+        if best_W is None:                                            # no feasible candidate yet: W = 0
+            best_W = torch.zeros_like(W)
+            best_pv, best_viol = float(p.objective(best_W)), 0.0
         return {"W": best_W, "objective": best_pv, "dual": best_db, "gap": (best_pv - best_db) / max(1.0, abs(best_pv)),
                 "violation": best_viol, "iterations": it, "history": hist, "aa_accepted": stats[0],
                 "aa_rejected": stats[1], "repaired": True}
