@@ -61,8 +61,8 @@ def main(argv=None) -> int:
                 ("adam", {"lr": 3e-2, "epochs": a.epochs}))
         rows = convex_vs_restarts(Xtr, ytr, Xte, yte, a.beta, a.k, a.patterns, opts, tuple(range(a.starts)),
                                   a.seed, tol=a.tol, max_iter=a.max_iter)
-        cols = ["model", "runs", "NC_best", "NC_mean", "excess_best", "dual_bound", "gap", "width", "train_acc",
-                "test_acc", "test_acc_std", "time_s"]
+        cols = ["model", "runs", "diverged", "NC_best", "NC_mean", "excess_best", "dual_bound", "gap", "width",
+                "train_acc", "test_acc", "test_acc_std", "time_s"]
         table = restart_summary(rows)
     else:
         ks = tuple(int(k) for k in a.ks.split(",") if k)

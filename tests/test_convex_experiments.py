@@ -96,7 +96,11 @@ def test_convex_vs_restarts_rows_and_summary():
     assert len(summ) == 4
     adam = summ[rows[3]["model"]]
     assert adam["runs"] == 2 and adam["NC_best"] == min(rows[3]["NC_objective"], rows[4]["NC_objective"])
-    assert adam["NC_mean"] >= adam["NC_best"]
+    assert adam["NC_mean"] >= adam["NC_best"] and adam["diverged"] == 0
+    # a diverged start is counted, not propagated into best / mean
+    bad = [dict(rows[3]), dict(rows[4], NC_objective=float("nan"), excess=float("nan"))]
+    s = restart_summary(bad)[0]
+    assert s["diverged"] == 1 and s["NC_best"] == s["NC_mean"] == rows[3]["NC_objective"]
 
 
 def test_implicit_vs_gd_rows():

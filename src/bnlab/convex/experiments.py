@@ -187,17 +187,22 @@ def convex_vs_restarts(Xtr, ytr, Xte, yte, beta: float, k: int | None, n_pattern
 
 
 def restart_summary(rows: list[dict]) -> list[dict]:
-    """Collapse rows of :func:`convex_vs_restarts` per model: best (min) and mean (NC), mean ± std of
-    test accuracy, mean train accuracy and time, number of starts ``runs``."""
+    """Collapse rows of :func:`convex_vs_restarts` per model: best (min) and mean (NC) over the finite runs,
+    ``diverged`` = number of runs with a non-finite (NC), mean ± std of test accuracy (all runs), mean train
+    accuracy and time, number of starts ``runs``."""
     out: dict[str, list[dict]] = {}
     for r in rows:
         out.setdefault(r["model"], []).append(r)
     summ = []
     for model, rs in out.items():
         nc = np.array([r["NC_objective"] for r in rs])
+        ok = np.isfinite(nc)
         te = np.array([r["test_acc"] for r in rs])
-        summ.append({"model": model, "runs": len(rs), "NC_best": float(nc.min()), "NC_mean": float(nc.mean()),
-                     "excess_best": float(min(r["excess"] for r in rs)), "gap": rs[0]["gap"],
+        best = float(nc[ok].min()) if ok.any() else float("nan")
+        ex = [r["excess"] for r in rs if np.isfinite(r["excess"])]
+        summ.append({"model": model, "runs": len(rs), "diverged": int((~ok).sum()), "NC_best": best,
+                     "NC_mean": float(nc[ok].mean()) if ok.any() else float("nan"),
+                     "excess_best": min(ex) if ex else float("nan"), "gap": rs[0]["gap"],
                      "dual_bound": rs[0]["dual_bound"], "width": rs[0]["width"],
                      "train_acc": float(np.mean([r["train_acc"] for r in rs])), "test_acc": float(te.mean()),
                      "test_acc_std": float(te.std()), "time_s": float(np.mean([r["time_s"] for r in rs]))})

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from bnlab.suites import Suite
 
-_COLS_A = ["model", "runs", "NC_best", "NC_mean", "excess_best", "dual_bound", "gap", "width", "train_acc",
-           "test_acc", "time_s"]
+_COLS_A = ["model", "runs", "diverged", "NC_best", "NC_mean", "excess_best", "dual_bound", "gap", "width",
+           "train_acc", "test_acc", "time_s"]
 _COLS_B = ["model", "NC_objective", "convex_objective", "gap", "width", "train_acc", "test_acc", "E_top5",
            "E_top20", "time_s"]
 
