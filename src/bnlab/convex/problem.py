@@ -130,9 +130,10 @@ class ConvexBNProblem:
         return self.loss_value(self.predict(W, gated)) + self.penalty(W)
 
     def violation(self, W: Tensor) -> Tensor:
-        """Max constraint violation ``max(-(2D-1) ⊙ U'w)_+`` relative to ``max |U' w|``."""
+        """Max constraint violation ``max(-(2D-1) ⊙ U'w)_+`` relative to ``max |U' w|``, floored at
+        ``1e-12 max(1, max|Y|)`` so that an optimum at W ≈ 0 (rounding noise only) is not called violated."""
         H = self.hidden(W)
-        scale = H.abs().max().clamp_min(1e-300)
+        scale = H.abs().max().clamp_min(1e-12 * max(1.0, float(self.Y.abs().max())))
         return (-(H * self.A.T)).clamp_min(0).max() / scale
 
     def dual_bound(self, W: Tensor, lam: Tensor | None = None) -> tuple[Tensor, Tensor]:
