@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bnlab.benchmarks import run_benchmarks
+from bnlab.train.allocator import tune_cpu_allocator
 
 
 def main(only: list[str] | None) -> int:
@@ -15,4 +16,5 @@ def main(only: list[str] | None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the machine is shared)")
     a = p.parse_args()
+    tune_cpu_allocator()  # as `bnlab bench` does (bnlab.train.allocator; BNLAB_MALLOC_TUNING=0 opts out)
     return run_benchmarks(quick=a.quick, device=a.device, json_out=a.json_out, only=only, threads=a.threads)

@@ -24,6 +24,9 @@ def cbn_main(argv: list[str]) -> int:
     p.add_argument("--presets", default=None, help="comma-separated subset of presets")
     p.add_argument("--json", dest="json_out", default=None)
     a = p.parse_args(argv)
+    from bnlab.train.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()
     torch.set_num_threads(1)
     info = machine_info()
     print(json.dumps(info))

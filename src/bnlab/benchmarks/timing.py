@@ -127,6 +127,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    from ..train import allocator
+
+    info["malloc_tuned"] = bool(allocator._applied)  # bnlab.train.allocator (the CLI and bench/ apply it)
     try:
         info["loadavg_1m"] = os.getloadavg()[0]
     except OSError:  # pragma: no cover - not on every platform
