@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     # UnpicklingError: a dataset pickle refused by the restricted unpickler (bnlab.data.safe_pickle)
     user_errors = (UserError, ConfigError, CheckpointError, TrainingError, ValueError, OSError,
                    pickle.UnpicklingError)
-    if args.command in ("train", "compare", "bench"):
+    if args.command in ("train", "compare", "bench", "convex"):
         from .train.allocator import tune_cpu_allocator
 
         tune_cpu_allocator()  # glibc heap trimming cost the CBN resnet20 step ~12 % (train/allocator.py)
