@@ -10,7 +10,8 @@ model ~0), i.e. a training step 1.22-1.29x BN+SGD instead of 1.07-1.11x with the
 per process, so freed activation memory stays in the heap for the next step (PyTorch's own CPU
 performance guide recommends a caching allocator, jemalloc/tcmalloc, for the same reason). The cost is
 a resident set that does not shrink between steps. The CLI applies it to ``bnlab train``, ``compare``,
-``bench`` and ``convex`` (the n=10,000 convex run spent 107 s of 587 s CPU in page faults); set ``BNLAB_MALLOC_TUNING=0`` to opt out, or export glibc's own
+``bench`` and ``convex`` (an n=10,000 convex run spent 107 s of 587 s CPU in page faults); set
+``BNLAB_MALLOC_TUNING=0`` to opt out, or export glibc's own
 ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` (which take precedence: nothing is changed
 then). A no-op off glibc.
 """
