@@ -180,9 +180,14 @@ def _active_set_newton(G: Tensor, Fs: Tensor, y: Tensor, w: Tensor, beta: float,
     E = gcur <= 1e-9 * gcur.abs().amax(-1, keepdim=True).clamp_min(1e-300)
     alive = (w.norm(dim=-1) > 0).to(w.dtype)[:, None]
     fv = fval(w)
+    Q = eye.expand(B, q, q).clone()
+    m0 = torch.ones_like(w)
+    changed = torch.ones(B, dtype=torch.bool, device=w.device)
     for _ in range(iters):
-        Q, m, _ = _null_basis(G * E[:, :, None].to(G.dtype))
-        m = m * alive
+        if bool(changed.any()):                                         # bases only of blocks whose E changed
+            Q[changed], m0[changed], _ = _null_basis(G[changed] * E[changed][:, :, None].to(G.dtype))
+            changed[:] = False
+        m = m0 * alive
         nw = w.norm(dim=-1, keepdim=True).clamp_min(1e-300)
         u = w / nw
         gw = torch.einsum("aibj,bj->ai", K4, w) - cy + beta * u * alive
@@ -205,6 +210,7 @@ def _active_set_newton(G: Tensor, Fs: Tensor, y: Tensor, w: Tensor, beta: float,
             rem = E & (lamE == lmin) & (lmin < -1e-9 * lamE.abs().amax(-1, keepdim=True)) & (alive > 0)
             if bool(rem.any()):
                 E = E & ~rem
+                changed |= rem.any(-1)
                 continue
             Fq = Fs @ (Q * m[:, None, :])                               # (B, N, q) on the null spaces
             rmj = r[None, :] - (Fs @ w[:, :, None])[..., 0]             # residual without block j
@@ -237,7 +243,9 @@ def _active_set_newton(G: Tensor, Fs: Tensor, y: Tensor, w: Tensor, beta: float,
             step, wn, fn = 0.0, w, fv
         w, fv = wn, fn
         if step == full and amax <= 1.0:                                # blocked: the row(s) join E
-            E = E | (alpha <= amax * (1 + 1e-9) + 1e-300)
+            newrows = alpha <= amax * (1 + 1e-9) + 1e-300
+            changed |= (newrows & ~E).any(-1)
+            E = E | newrows
         tiny = (w.norm(dim=-1) < 1e-10 * float(w.norm(dim=-1).max())) & (alive[:, 0] > 0)
         if bool(tiny.any()):                                            # collapsed blocks are zero blocks
             alive[tiny] = 0
