@@ -278,7 +278,8 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
     its repaired primal and its dual bound (valid for any λ >= 0) compete with ADMM's.
     ``certify="network"``: see solvers.admm_solve.
 
-    Returns a dict with W (C, 2P, q), objective, dual bound, gap, violation, iterations, history."""
+    Returns a dict with W (C, 2P, q), objective, dual bound, gap, violation, iterations, history, and the
+    final ADMM state Z (C, 2P, N) and Yd = ρu (C, 2P, N) (inputs of polish.polish_active_set)."""
     if p.pool is not None:
         raise ValueError(f"solver='admm' does not support pooled problems (pool={p.pool}); use solver='al'")
     if certify not in ("program", "network"):
