@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--max-iter", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-seeded", action="store_true", help="part a: skip the pattern-seeded convex row")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         opts = (("sgd", {"lr": 0.05 / n, "epochs": a.sgd_epochs, "batch_size": max(2, n // 10)}),
                 ("adam", {"lr": 3e-2, "epochs": a.epochs}))
         rows = convex_vs_restarts(Xtr, ytr, Xte, yte, a.beta, a.k, a.patterns, opts, tuple(range(a.starts)),
-                                  a.seed, tol=a.tol, max_iter=a.max_iter)
+                                  a.seed, tol=a.tol, max_iter=a.max_iter, seeded=not a.no_seeded)
         cols = ["model", "runs", "diverged", "NC_best", "NC_mean", "excess_best", "dual_bound", "gap", "width",
                 "train_acc", "test_acc", "test_acc_std", "time_s"]
         table = restart_summary(rows)
