@@ -481,22 +481,6 @@ def test_fused_functions_gradcheck_and_double_backward(preset, overrides):
     assert torch.autograd.gradgradcheck(f, (x, *ps), eps=1e-6, atol=1e-4)
 
 
-def test_fused_paths_float32_close_to_float64():
-    torch.manual_seed(1)
-    for preset in ("split_pre", "split_post", "post_center"):
-        m = CompleteBatchNorm(8, "relu", preset)
-        _randomize(m)
-        md = copy.deepcopy(m).double()
-        x = torch.randn(16, 8, 5, 5, requires_grad=True)
-        xd = x.detach().double().requires_grad_(True)
-        y, yd = m(x), md(xd)
-        torch.testing.assert_close(y.double(), yd, rtol=1e-4, atol=1e-5)
-        g = torch.randn_like(y)
-        a = torch.autograd.grad(y, x, g)[0]
-        b = torch.autograd.grad(yd, xd, g.double())[0]
-        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
-
-
 @pytest.mark.parametrize("shape", [(64, 3), (16, 3, 7), (8, 3, 5, 5), (4, 3, 2, 3, 3)])
 @pytest.mark.parametrize("mean_over_std", [0.0, 5.0, 25.0, 1e3])
 def test_fast_moments_match_var_mean(shape, mean_over_std):

@@ -166,8 +166,9 @@ def test_fused_partial_requires_grad_and_input_untouched(preset):
 
 
 def test_fused_float32_close_to_float64():
+    """Every closed-form path (``_FusedReLU``, and split_pre's ``_SplitPreReLU``) in float32 vs float64."""
     torch.manual_seed(5)
-    for preset in FUSED_PRESETS:
+    for preset in PRESETS:
         m = CompleteBatchNorm(8, "relu", preset)
         _randomize(m)
         md = copy.deepcopy(m).double()
