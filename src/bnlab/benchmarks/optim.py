@@ -106,22 +106,10 @@ def gsgd_before_after(old_path: str, width: float = 0.5, rounds: int = 3,
     repetitions. Returns one dict per round: ``old_ms``, ``new_ms``, ``sgd_ms`` (each pair timed
     interleaved; ``new_ms`` from the new-vs-SGD pair) and ``old_vs_new`` (old / new, timed together).
     """
-    import importlib.util
-
-    from .. import optim as registry
     from ..models import build
     from ..path.reparam import param_groups
 
-    saved = dict(registry._REGISTRY)
-    spec = importlib.util.spec_from_file_location("bnlab.optim._gsgd_before", old_path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"old_path: cannot load a module from {old_path!r}")
-    old = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(old)
-    finally:
-        registry._REGISTRY.clear()
-        registry._REGISTRY.update(saved)                # the old module re-registers "gsgd"
+    old = _load_old(old_path, "_gsgd_before")
     from ..optim.gsgd import GSGD
 
     settings = settings or Settings()

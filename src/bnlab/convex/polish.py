@@ -36,6 +36,18 @@ def _null_basis(Gm: Tensor, rel: float = 1e-10) -> tuple[Tensor, Tensor, Tensor]
     return Q, (~rng).to(Gm.dtype), inv
 
 
+def _armijo(f, x: Tensor, d: Tensor, fx: float, dec: float, step: float, min_step: float):
+    """Backtracking line search from ``step`` (halving) for the Armijo condition
+    ``f(x + t d) <= f(x) - 1e-4 t dec``. Returns ``(t, x + t d, f(x + t d))``, or None below ``min_step``."""
+    while step > min_step:
+        xn = x + step * d
+        fn = f(xn)
+        if fn <= fx - 1e-4 * step * dec:
+            return step, xn, fn
+        step *= 0.5
+    return None
+
+
 def _newton(Bm: Tensor, y: Tensor, v: Tensor, mask: Tensor, beta: float, iters: int = 30) -> Tensor:
     """Damped Newton on ``f(v) = ½||Bm v - y||² + β Σ_j ||v_j||`` with ``Bm`` (N, S·q), v/mask (S, q).
     Masked coordinates stay 0 (identity rows in the Hessian). Armijo backtracking; stops on a relative
@@ -69,16 +81,10 @@ def _newton(Bm: Tensor, y: Tensor, v: Tensor, mask: Tensor, beta: float, iters: 
         dec = -float((g * d).sum())
         if dec <= 1e-15 * max(1.0, abs(fv)):
             break
-        step = 1.0
-        while step > 1e-8:
-            vn = v + step * d
-            fn = f(vn)
-            if fn <= fv - 1e-4 * step * dec:
-                break
-            step *= 0.5
-        else:
+        found = _armijo(f, v, d, fv, dec, 1.0, 1e-8)
+        if found is None:
             break
-        v, fv = vn, fn
+        _, v, fv = found
     return v
 
 
@@ -233,15 +239,7 @@ def _active_set_newton(G: Tensor, Fs: Tensor, y: Tensor, w: Tensor, beta: float,
         amax = float(alpha.min())
         step = min(1.0, amax)
         full = step
-        while step > 1e-12:
-            wn = w + step * dw
-            fn = fval(wn)
-            if fn <= fv - 1e-4 * step * dec:
-                break
-            step *= 0.5
-        else:
-            step, wn, fn = 0.0, w, fv
-        w, fv = wn, fn
+        step, w, fv = _armijo(fval, w, dw, fv, dec, step, 1e-12) or (0.0, w, fv)
         if step == full and amax <= 1.0:                                # blocked: the row(s) join E
             newrows = alpha <= amax * (1 + 1e-9) + 1e-300
             changed |= (newrows & ~E).any(-1)

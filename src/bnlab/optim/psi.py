@@ -612,6 +612,13 @@ class PSISGD(Optimizer):
             st[t]["momentum_buffer"] = v
         return lay.uviews
 
+    @staticmethod
+    def _fast_eligible(group: dict[str, Any]) -> bool:
+        """The configurations the fast and compiled paths implement: additive retraction, no radial
+        projection, and (with momentum) the paper's momentum form without transport."""
+        return not group["project_grad"] and group["retraction"] == "additive" and (
+            group["momentum"] == 0 or (group["momentum_form"] == "paper" and group["transport"] == "none"))
+
     def _psi_step_fast(self, gi: int, group: dict[str, Any], guard: bool) -> bool:
         """Algorithm 1 on the group's flat layout: a few whole-group ops instead of per-tensor ones.
 
@@ -624,8 +631,7 @@ class PSISGD(Optimizer):
         Memory passes: see ``docs/methods/psi_manifold.md`` (no weight gather: the parameters are
         views of ``lay.theta``; no gradient gather with momentum and no decay)."""
         rho = group["momentum"]
-        if guard or group["project_grad"] or group["retraction"] != "additive" or (rho != 0 and (
-                group["momentum_form"] != "paper" or group["transport"] != "none")):
+        if guard or not self._fast_eligible(group):
             return False
         lay = self._layout(gi, group)
         if lay is None:
@@ -733,8 +739,7 @@ class PSISGD(Optimizer):
         then stays eager). The guard's rescaling, when a row exceeds the threshold, is eager. One host
         sync per step (finite check and guard decision together)."""
         rho = group["momentum"]
-        if guard or group["project_grad"] or group["retraction"] != "additive" or (rho != 0 and (
-                group["momentum_form"] != "paper" or group["transport"] != "none")):
+        if guard or not self._fast_eligible(group):
             return False
         lay = self._fused_layout(gi, group)
         if lay is None:
