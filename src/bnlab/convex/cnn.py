@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .patterns import Whitening, check_finite, sample_patterns, whiten
 from .problem import LOSSES, ConvexBNProblem
-from .recover import NeuronParams, recover
+from .recover import NeuronParams, load_recovered, recover
 from .solvers import ConvexSolution, solve
 
 __all__ = ["ConvPatches", "conv_patches", "enumerate_patterns", "network_patterns", "BNReLUCNN", "cnn_nc_objective",
@@ -169,17 +169,9 @@ class BNReLUCNN(nn.Module):
             raise ValueError("a recovered filter has zero batch variance on the training patches; expected "
                              "filters with P_N M w != 0")
         scale = math.sqrt(Nt) / nrm
-        kh, kw = patches.kernel_size
         net = cls(patches.in_channels, p.width, patches.kernel_size, patches.stride, patches.padding,
                   p.V.shape[1], eps).to(dtype)
-        with torch.no_grad():
-            t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
-            net.conv.weight.copy_(t((p.W * scale).T.reshape(p.width, patches.in_channels, kh, kw)))
-            net.bn.weight.copy_(t(p.gamma * math.sqrt(1 + eps) / math.sqrt(Nt)))
-            net.bn.bias.copy_(t(p.alpha / math.sqrt(Nt)))
-            net.bn.running_mean.copy_(t(mu * scale))
-            net.bn.running_var.fill_(1.0)
-            net.out.weight.copy_(t(p.V.T))
+        load_recovered(net.conv.weight, net.bn, net.out.weight, p, mu, scale, Nt, eps)
         return net.eval()
 
 

@@ -89,15 +89,24 @@ class BNReLUNet(nn.Module):
         centred norm ``nrm`` (m,) over ``n`` samples."""
         scale = math.sqrt(n) / nrm                                     # unit biased batch variance
         net = cls(p.W.shape[0], p.width, p.V.shape[1], eps=eps).to(dtype)
-        with torch.no_grad():
-            t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
-            net.linear.weight.copy_(t((p.W * scale).T))
-            net.bn.weight.copy_(t(p.gamma * math.sqrt(1 + eps) / math.sqrt(n)))
-            net.bn.bias.copy_(t(p.alpha / math.sqrt(n)))
-            net.bn.running_mean.copy_(t(mu * scale))
-            net.bn.running_var.fill_(1.0)
-            net.out.weight.copy_(t(p.V.T))
+        load_recovered(net.linear.weight, net.bn, net.out.weight, p, mu, scale, n, eps)
         return net.eval()
+
+
+def load_recovered(first_weight: torch.Tensor, bn: nn.Module, out_weight: torch.Tensor, p: NeuronParams,
+                   mu: np.ndarray, scale: np.ndarray, n: int, eps: float) -> None:
+    """Write the §2.4 recovery map into torch parameters (in place): first layer ``(W·scale)^T``
+    reshaped to ``first_weight``'s shape, ``BatchNorm`` weight ``γ sqrt(1+eps)/sqrt(n)``, bias
+    ``α/sqrt(n)``, running mean ``mu·scale``, running var 1, output ``V^T``. ``n`` is the number of
+    entries BN normalises over per channel (samples; samples x positions for a CNN)."""
+    with torch.no_grad():
+        t = lambda a: torch.as_tensor(a, dtype=first_weight.dtype)  # noqa: E731
+        first_weight.copy_(t((p.W * scale).T).reshape(first_weight.shape))
+        bn.weight.copy_(t(p.gamma * math.sqrt(1 + eps) / math.sqrt(n)))
+        bn.bias.copy_(t(p.alpha / math.sqrt(n)))
+        bn.running_mean.copy_(t(mu * scale))
+        bn.running_var.fill_(1.0)
+        out_weight.copy_(t(p.V.T))
 
 
 def paper_params(net: BNReLUNet, X: Tensor, n: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
