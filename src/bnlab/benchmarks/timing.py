@@ -127,9 +127,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    from ..train import allocator
+    from ..train.allocator import allocator_tuned
 
-    info["malloc_tuned"] = bool(allocator._applied)  # bnlab.train.allocator (the CLI and bench/ apply it)
+    info["malloc_tuned"] = allocator_tuned()  # bnlab.train.allocator (the CLI and bench/ apply it)
     try:
         info["loadavg_1m"] = os.getloadavg()[0]
     except OSError:  # pragma: no cover - not on every platform

@@ -23,7 +23,7 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["tune_cpu_allocator"]
+__all__ = ["tune_cpu_allocator", "allocator_tuned"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -51,3 +51,8 @@ def tune_cpu_allocator(env: dict[str, str] | None = None) -> bool:
         ok = False
     _applied = ok
     return ok
+
+
+def allocator_tuned() -> bool:
+    """Whether :func:`tune_cpu_allocator` has changed this process's allocator."""
+    return bool(_applied)
