@@ -281,3 +281,105 @@ def test_bench_rows_mapping_keeps_target_and_certificate():
     assert r.extra["iterations"] == 1500 and "certified=True" in r.note
     r2 = _result(dict(row, ours_ms=30.0), "cpu")
     assert r2.met is False                                          # 30/400 = 0.075 > 0.05
+
+
+# --- network-certificate fast path (admm.admm_network: (C, N, 2P) layout, float32 bulk, float64 certificate) ---
+
+@pytest.mark.parametrize("rho", [0.05, 1.0, 40.0])
+def test_zprox_squared_nj_matches_the_exact_prox(rho):
+    from bnlab.convex.admm import zprox_squared_nj
+
+    V, M, s, Y = _prox_case(2, C=2, N=9, J=12)
+    Mf = M.double()
+    Z, r = zprox_squared_nj(V, Mf, s, Y, rho)
+    assert _kkt_squared(Z, V, M, s, Y, rho) < 1e-12                  # exact (float64), same as the sort method
+    torch.testing.assert_close(Z, zprox_squared(V, M, s, Y, rho), atol=1e-12, rtol=0)
+    Zw, _ = zprox_squared_nj(V + 0.3, Mf, s, Y, rho, r, Mneg=1 - Mf)  # warm start from another point's root
+    assert _kkt_squared(Zw, V + 0.3, M, s, Y, rho) < 1e-12
+    Z32, _ = zprox_squared_nj(V.float(), Mf.float(), s.float(), Y.float(), rho)
+    assert float((Z32.double() - Z).abs().max()) <= 1e-5 * (1 + float(Z.abs().max()))
+    assert float((Z - V).abs().max()) > 1e-3                          # the prox moved the point
+
+
+def test_admm_bound_nj_equals_admm_bound_and_is_valid_for_any_iterate():
+    from bnlab.convex.admm import admm_bound, admm_bound_nj
+
+    prob = _problem(seed=6, beta=0.3)
+    ref = solve(prob, "clarabel", solver_opts={"tol_gap_rel": 1e-10, "tol_gap_abs": 1e-10, "tol_feas": 1e-10})
+    g = torch.Generator().manual_seed(0)
+    N, J = prob.Up.shape[0], 2 * prob.n_patterns
+    for k in range(5):                                                # arbitrary (Z, ρu): bound still valid
+        Z = torch.randn(1, N, J, generator=g, dtype=torch.float64) * 0.3 * k
+        Yd = torch.randn(1, N, J, generator=g, dtype=torch.float64)
+        b = admm_bound_nj(prob, Z.float(), Yd.float())                # float32 state, float64 evaluation
+        assert b == pytest.approx(admm_bound(prob, Z.float().double().transpose(1, 2),
+                                             Yd.float().double().transpose(1, 2)), rel=1e-12, abs=1e-12)
+        assert b <= ref.objective * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed, beta", [(0, 0.1), (3, 0.5), (5, 0.05)])
+def test_admm_network_fast_path_certifies_against_clarabel(seed, beta):
+    from bnlab.convex.admm import admm_network
+
+    prob = _problem(n=20, seed=seed, beta=beta, gates=40)
+    ref = solve(prob, "clarabel", solver_opts={"tol_gap_rel": 1e-10, "tol_gap_abs": 1e-10, "tol_feas": 1e-10})
+    tol = 1e-4
+    sol = solve(prob, "admm-network", tol=tol)                        # default: float32 iterations
+    assert sol.converged and sol.solver == "admm-network"
+    assert sol.history[0]["dtype"] == "float32"
+    net = float(prob.objective(T(sol.W), gated=False))                # the returned network's value, float64
+    assert abs(net - sol.objective) <= 1e-12 * abs(net)
+    assert net <= sol.dual_bound + tol * abs(net)                     # the certificate's claim ...
+    assert sol.dual_bound <= ref.objective * (1 + 1e-9)               # ... with a valid bound ...
+    assert all(h["dual"] <= ref.objective * (1 + 1e-9) for h in sol.history)
+    assert net <= ref.objective * (1 + tol)                           # ... hence vs the tight optimum
+    old = admm(prob, tol=tol, certify="network", fast=False)          # the previous (float64, AA) loop
+    assert old["gap"] <= tol and old["objective"] <= ref.objective * (1 + tol)
+    r64 = admm_network(prob, tol=tol, iter_dtype=torch.float64)       # float64 iterations
+    assert r64["gap"] <= tol and r64["history"][-1]["dtype"] == "float64"
+    assert r64["dual"] <= ref.objective * (1 + 1e-9) and r64["objective"] <= ref.objective * (1 + tol)
+
+
+def test_admm_network_fast_path_on_digits_and_float32_fallback():
+    from sklearn.datasets import load_digits
+
+    from bnlab.convex.admm import admm_network
+
+    X, y = load_digits(return_X_y=True)
+    m = y < 2
+    X, y = X[m][:80] / 16.0, np.where(y[m][:80] == 1, 1.0, -1.0)
+    wh = whiten(X, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatternWarning)
+        D = sample_patterns(wh.Up, 25, seed=0)
+    prob = ConvexBNProblem(T(wh.Up), T(D), T(y), 0.5)
+    ref = solve(prob, "clarabel", solver_opts={"tol_gap_rel": 1e-10, "tol_gap_abs": 1e-10, "tol_feas": 1e-10})
+    sol = solve(prob, "admm-network", tol=1e-4)
+    net = float(prob.objective(T(sol.W), gated=False))
+    assert sol.converged and net <= sol.dual_bound + 1e-4 * net and sol.dual_bound <= ref.objective * (1 + 1e-9)
+    # a tolerance below float32's floor: the iteration must continue in float64 and still certify
+    r = admm_network(prob, tol=1e-10, iter_dtype=torch.float32, stall_checks=3, max_iter=20000)
+    dts = [h["dtype"] for h in r["history"]]
+    assert dts[0] == "float32" and dts[-1] == "float64"
+    assert r["gap"] <= 1e-10 and r["dual"] <= ref.objective * (1 + 1e-9)
+    assert float(prob.objective(r["W"], gated=False)) <= r["dual"] + 1e-10 * abs(r["dual"])
+
+
+def test_admm_network_fast_path_gated_logistic_and_weights():
+    prob = _problem(seed=2, beta=0.2)
+    ref_g = solve(prob, "cvxpy", gated=True)
+    sol = solve(prob, "admm-network", tol=1e-5, gated=True)
+    assert sol.converged and sol.dual_bound <= ref_g.objective * (1 + 1e-9)
+    assert sol.objective <= sol.dual_bound + 1e-5 * abs(sol.objective)
+    lp = _problem(seed=4, beta=0.2, loss="logistic", gates=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)            # Clarabel's own logistic gap ~1e-5
+        ref = solve(lp, "cvxpy")
+    sl = solve(lp, "admm-network", tol=1e-5)
+    assert sl.converged and sl.dual_bound <= ref.objective * (1 + 1e-6)
+    assert float(lp.objective(T(sl.W), gated=False)) <= sl.dual_bound + 1e-5 * abs(sl.objective)
+    wp = _problem(seed=1, beta=0.2, weights=T(np.array([1.0, 2.0, 0.5, 1.5])))
+    refw = solve(wp, "clarabel", solver_opts={"tol_gap_rel": 1e-10, "tol_gap_abs": 1e-10, "tol_feas": 1e-10})
+    sw = solve(wp, "admm-network", tol=1e-5)
+    assert sw.converged and sw.dual_bound <= refw.objective * (1 + 1e-9)
+    assert float(wp.objective(T(sw.W), gated=False)) <= sw.dual_bound + 1e-5 * abs(sw.objective)

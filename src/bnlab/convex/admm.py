@@ -28,7 +28,8 @@ from torch import Tensor
 from .polish import polish_active_set
 from .problem import ConvexBNProblem
 
-__all__ = ["admm", "repair_cone", "polish_scale", "zprox_squared", "zprox_logistic"]
+__all__ = ["admm", "admm_network", "admm_bound_nj", "repair_cone", "polish_scale", "zprox_squared",
+           "zprox_squared_nj", "zprox_logistic"]
 
 
 def _blocksoft(V: Tensor, thr: float) -> Tensor:
@@ -123,6 +124,46 @@ def zprox_squared_newton(V: Tensor, M: Tensor, s: Tensor, Y: Tensor, rho: float,
         Z = zprox_squared(V, M, s, Y, rho)
         return Z, ((Z * (s * M)).sum(-1, keepdim=True) - y)
     return torch.where(M, (V - r * s / rho).clamp_min(0), V.clamp_max(0)), r
+
+
+def zprox_squared_nj(V: Tensor, Mf: Tensor, s: Tensor, Y: Tensor, rho: float, r0: Tensor | None = None,
+                     max_newton: int = 20, Mneg: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The cone-constrained squared-loss prox of :func:`zprox_squared` in the ``(C, N, J)`` layout with float
+    masks (no ``torch.where`` on (C, N, J) tensors: it is ~10x slower than arithmetic on this CPU build), for
+    the network-certificate fast path. ``Mf`` (N, J) = D as 0/1 floats. Bracketed semismooth Newton on the
+    scalar ``r`` per sample (as :func:`zprox_squared_newton`), stopping at ``|h(r)| <= 64 eps (1 + |y| + |r| +
+    Σ|d|/ρ)`` (eps of the dtype); if some sample has not settled after ``max_newton`` steps its last bracketed
+    ``r`` is kept (an inexact prox step: the ADMM iterate moves on, and the certificate, evaluated from the
+    iterate, does not depend on the prox being exact). ``Mneg`` = 1 - Mf (optional, precomputed). Returns
+    (Z, r)."""
+    B = V * rho
+    y = Y[..., None]
+    S2 = torch.stack([s, torch.ones_like(s)], 1)                      # (J, 2): Σ s_j d_j and Σ d_j in one pass
+    ones = S2[:, 1]
+    eps = 64 * torch.finfo(V.dtype).eps
+
+    def active(r):                                                    # d_j = M (ρ v_j - s_j r)_+ = ρ z_j on M
+        return torch.addcmul(B, r, s, value=-1.0).clamp_min_(0).mul_(Mf)
+
+    r = (B.clamp_min(0).mul_(Mf) @ s)[..., None] / rho - y if r0 is None else r0
+    lo = torch.full_like(r, -math.inf)
+    hi = torch.full_like(r, math.inf)
+    d = active(r)
+    for _ in range(max_newton):
+        sums = (d @ S2) / rho                                         # (C, N, 2)
+        h = r + y - sums[..., :1]
+        done = h.abs() <= eps * (1 + y.abs() + r.abs() + sums[..., 1:])
+        if bool(done.all()):
+            break
+        slope = 1 + (torch.sign(d) @ ones)[..., None] / rho
+        lo = torch.where(h < 0, r, lo)
+        hi = torch.where(h > 0, r, hi)
+        rn = r - h / slope                                            # exact root of the current piece
+        bad = ~((rn > lo) & (rn < hi)) & torch.isfinite(lo) & torch.isfinite(hi)
+        rn = torch.where(bad, 0.5 * (lo + hi), rn)
+        r = torch.where(done, r, rn)
+        d = active(r)
+    return d.div_(rho).add_(V.clamp_max(0).mul_(1 - Mf if Mneg is None else Mneg)), r
 
 
 def zprox_logistic(V: Tensor, M: Tensor, s: Tensor, Y: Tensor, rho: float, gated: bool = False,
@@ -222,6 +263,122 @@ def repair_cone(p: ConvexBNProblem, W: Tensor, rounds: int = 10, rank_tol: float
     return Wf.reshape(C, J, q), info
 
 
+def admm_bound_nj(p: ConvexBNProblem, Z: Tensor, Yd: Tensor, gated: bool = False) -> float:
+    """:func:`admm_bound` for the ``(C, N, J)`` layout (Z, Yd = ρu of the fast path), evaluated in ``p``'s
+    dtype (float64: the inputs are cast first, so a float32 iterate still gets an exact float64 bound for the
+    dual point it defines)."""
+    Z, Yd = Z.to(p.Up.dtype), Yd.to(p.Up.dtype)
+    Mf = p.Dsgn                                                       # (N, 2P)
+    nu = -p.loss_grad((Z * Mf) @ p.sigma)                             # (C, N)
+    M = nu[..., None] * (Mf * p.sigma)                                # (C, N, 2P) = σ_j D_j ν
+    if not gated:
+        A = p.A
+        M = M + A * (A * (-Yd - M)).clamp_min_(0)
+    R = M.transpose(1, 2) @ p.Up                                      # (C, 2P, q)
+    if p.weights is not None:
+        R = R / p.weights
+    worst = float(R.norm(dim=-1).max()) / p.beta
+    t_max = min(1.0, 1.0 / max(worst, 1e-300))
+    if p.loss == "squared":
+        t = min(max(float((nu * p.Y).sum()) / max(float((nu ** 2).sum()), 1e-300), 0.0), t_max)
+    else:
+        t = t_max
+    return float(p.neg_conj(t * nu))
+
+
+def admm_network(p: ConvexBNProblem, tol: float = 1e-6, max_iter: int = 20000, rho: float | None = None,
+                 alpha: float = 1.6, gated: bool = False, check_every: int = 10, W0: Tensor | None = None,
+                 adapt_rho: bool = True, balance: float = 10.0, iter_dtype: torch.dtype | None = None,
+                 stall_checks: int = 10, bar=None) -> dict:
+    """ADMM with the network certificate (``certify="network"``), fast path: the same iteration as
+    :func:`admm` (no Anderson) with Z, u stored as (C, N, 2P) (no transposes), arithmetic masks, the z-prox of
+    :func:`zprox_squared_nj` (squared loss with cones; logistic / gated: :func:`zprox_logistic` /
+    :func:`zprox_squared`), and the bulk iterations in ``iter_dtype`` (None: float32 when ``p`` is float64 and
+    tol >= 1e-6, else ``p``'s dtype). Every check is evaluated in ``p``'s dtype (float64): the primal value is
+    the realised network's ``objective(W, gated=False)`` of the float64 copy of W that is returned, the dual
+    bound :func:`admm_bound_nj` of the dual point the iterate defines (valid for any iterate), so the
+    certificate is as exact as in float64 iterations. If the certified gap has not improved for
+    ``stall_checks`` checks while still > tol, the iteration continues in ``p``'s dtype (float32 rounding
+    floor). Returns the dict of :func:`admm` (Z, Yd in the (C, 2P, N) layout, ``p``'s dtype)."""
+    dt64 = p.Up.dtype
+    if iter_dtype is None:
+        iter_dtype = torch.float32 if (dt64 == torch.float64 and tol >= 1e-6) else dt64
+    beta = p.beta
+    Y64 = p.Y
+    cone_sq = p.loss == "squared" and not gated
+
+    def consts(dt):
+        Mf = p.Dsgn.to(dt)
+        return (p.Up.to(dt), Y64.to(dt), None if p.weights is None else p.weights.to(dt), Mf, 1 - Mf, Mf.bool(),
+                p.sigma.to(dt))
+
+    dt = iter_dtype
+    Up, Y, lam_w, Mf, Mneg, Mb, s = consts(dt)
+    W = p.zeros().to(dt) if W0 is None else W0.to(dt)
+    HW = torch.matmul(Up, W.transpose(1, 2))                          # (C, N, 2P)
+    Z = HW.clone() if gated else HW.clamp_min(0) * Mf + HW.clamp_max(0) * Mneg
+    U = torch.zeros_like(Z)
+    if rho is None:                                                   # as admm()
+        rho = max(1e-3, min(1e3, beta / max(1e-12, float(Y64.abs().max()) / math.sqrt(p.Up.shape[0]))))
+    hist: list[dict] = []
+    r = None
+    pv = db = gap = viol = math.inf
+    best_gap, since_best = math.inf, 0
+    W64 = W.to(dt64)
+    it = 0
+    while it < max_iter:
+        Zp = Z
+        W = prox_weighted_norm((Z - U).transpose(1, 2) @ Up, lam_w, beta / rho)   # (C, 2P, q)
+        HW = torch.matmul(Up, W.transpose(1, 2))                      # (C, N, 2P)
+        V = torch.lerp(Z, HW, alpha).add_(U)                          # over-relaxed U'w + u
+        if cone_sq:
+            Z, r = zprox_squared_nj(V, Mf, s, Y, rho, r, Mneg=Mneg)
+        elif p.loss == "squared":
+            Z = zprox_squared(V, Mb, s, Y, rho, gated=True)
+        else:
+            Z = zprox_logistic(V, Mb, s, Y, rho, gated)
+        U = V.sub_(Z)                                                 # u + Hh - z
+        it += 1
+        if bar is not None:
+            bar.update(1)
+        if it % check_every and it < max_iter:
+            continue
+        rp = float((HW - Z).norm())
+        rd = rho * float(((Z - Zp).transpose(1, 2) @ Up).norm())
+        W64 = W.to(dt64)
+        pv = float(p.objective(W64, gated=gated))                     # gated=False: the realised network
+        db = admm_bound_nj(p, Z, rho * U, gated)
+        if gated:
+            db = max(db, float(p.dual_bound(W64)[0]))
+        gap = (pv - db) / max(1.0, abs(pv))
+        hist.append({"iter": it, "objective": pv, "dual": db, "gap": gap, "rho": rho, "r_primal": rp,
+                     "r_dual": rd, "dtype": str(dt).replace("torch.", "")})
+        if bar is not None:
+            bar.set_postfix(gap=f"{gap:.1e}")
+        if gap <= tol:
+            break
+        if not math.isfinite(pv):
+            raise FloatingPointError(f"admm diverged (objective {pv}) at iteration {it}, rho={rho}")
+        if gap < best_gap * (1 - 1e-3) - 1e-12:
+            best_gap, since_best = gap, 0
+        else:
+            since_best += 1
+        if dt != dt64 and since_best >= stall_checks:                 # float32 floor: continue in float64
+            dt = dt64
+            Up, Y, lam_w, Mf, Mneg, Mb, s = consts(dt)
+            Z, U, r = Z.to(dt), U.to(dt), None if r is None else r.to(dt)
+            since_best = 0
+        if adapt_rho and (rp > balance * rd or rd > balance * rp):    # residual balancing
+            fac = 2.0 if rp > balance * rd else 0.5
+            rho *= fac
+            U = U / fac
+    viol = 0.0 if gated else float(p.violation(W64))
+    Zt, Yd = Z.to(dt64).transpose(1, 2).contiguous(), (rho * U).to(dt64).transpose(1, 2).contiguous()
+    return {"W": W64, "objective": pv, "dual": db, "gap": (pv - db) / max(1.0, abs(pv)), "violation": viol,
+            "iterations": it, "history": hist, "aa_accepted": 0, "aa_rejected": 0, "repaired": False,
+            "Z": Zt, "Yd": Yd}
+
+
 class _Anderson:
     """Safeguarded type-II Anderson acceleration of a fixed-point map x -> F(x) (Zhang, O'Donoghue & Boyd
     2020, as in SCS 3): memory ``m``, Tikhonov-regularised least squares; flat state of size S."""
@@ -261,7 +418,7 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
          W0: Tensor | None = None, anderson: int | None = None, adapt_rho: bool = True, balance: float = 10.0,
          certify: str = "program", repair: bool = True, repair_every: int = 1, repair_frac: float = 0.05,
          polish: bool = True, newton_polish: bool = True, newton_start: int = 50, newton_gap: float = 1e-2,
-         bar=None) -> dict:
+         fast: bool = True, iter_dtype: torch.dtype | None = None, bar=None) -> dict:
     """Run ADMM on an unweighted, unpooled problem ``p`` (tensors on the target device/dtype).
 
     ``certify="program"`` with ``repair=True`` (default): at every ``repair_every``-th check that is at least
@@ -276,7 +433,8 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
     poor before), :func:`bnlab.convex.polish.polish_active_set` solves the
     problem reduced to ADMM's support and active cone rows by damped Newton and builds a KKT dual point from it;
     its repaired primal and its dual bound (valid for any λ >= 0) compete with ADMM's.
-    ``certify="network"``: see solvers.admm_solve.
+    ``certify="network"``: see solvers.admm_solve; with ``fast=True`` (default) and no Anderson acceleration it
+    runs :func:`admm_network` (float32 bulk iterations, ``iter_dtype``; float64 certificate).
 
     Returns a dict with W (C, 2P, q), objective, dual bound, gap, violation, iterations, history, and the
     final ADMM state Z (C, 2P, N) and Yd = ρu (C, 2P, N) (inputs of polish.polish_active_set)."""
@@ -290,6 +448,10 @@ def admm(p: ConvexBNProblem, tol: float = 1e-6, constraint_tol: float | None = N
     if p.loss not in ("squared", "logistic"):
         raise ValueError(f"solver='admm' needs loss 'squared' or 'logistic', got loss={p.loss!r}; "
                          "use solver='cvxpy'")
+    if certify == "network" and fast and not anderson:               # network certificate: fast path
+        return admm_network(p, tol=tol, max_iter=max_iter, rho=rho, alpha=alpha, gated=gated,
+                            check_every=check_every, W0=W0, adapt_rho=adapt_rho, balance=balance,
+                            iter_dtype=iter_dtype, bar=bar)
     ctol = tol if constraint_tol is None else constraint_tol
     Up, beta, lam_w = p.Up, p.beta, p.weights
     M = p.Dsgn.bool()                                                 # (N, 2P)
