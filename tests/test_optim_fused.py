@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from test_psi import DT, PSI_LAYERS, _set_row_norms, batches, make_net, psi_opt, train  # noqa: E402
 
-from bnlab.optim import PSISGD, psi_param_groups  # noqa: E402
+from bnlab.models import build  # noqa: E402
+from bnlab.optim import PSISGD, make_optimizer, psi_param_groups  # noqa: E402
 
 GUARD = dict(lr=0.1, momentum=0.9, renorm_threshold=0.12, renorm_target=0.1, e_momentum=0.9)
 
@@ -223,3 +224,26 @@ def test_channels_last_weights_stay_put_and_match_reference():
     assert not opt_f._layouts[0].flat_params
     assert net_f.c2.weight.is_contiguous(memory_format=torch.channels_last)
     _assert_same(net_f, net_r, atol=1e-12)
+
+
+def test_deepcopy_of_model_and_optimiser_continues_identically():
+    """``copy.deepcopy((model, PSISGD))`` keeps the optimiser's settings (they are not in ``Optimizer``'s
+    pickled state) and rebuilds its flat layouts: the copy's next steps equal the original's bit for bit."""
+    torch.manual_seed(0)
+    net = build("resnet20", norm="bn", width=0.25).double()
+    opt = make_optimizer("psi-sgdm", net, lr=0.1, momentum=0.9, guard_steps=1)
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+
+    def step(m, o):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+
+    for _ in range(3):
+        step(net, opt)
+    net2, opt2 = copy.deepcopy((net, opt))
+    assert (opt2.guard_steps, opt2.track_angles, opt2._steps_done) == (1, True, 3)
+    for _ in range(2):
+        step(net, opt)
+        step(net2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))

@@ -41,6 +41,7 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
 from ..path.skeleton import ROLES, skeleton_mask
+from ._gsgd_flat import FlatBatch, eligible
 from .psi import flat_sgd_step
 
 __all__ = ["GSGD", "gsgd_step_block"]
@@ -144,6 +145,8 @@ class _Prep(NamedTuple):
     R: Tensor
     sbuf: Tensor | None
     clamped: Tensor | None
+    flat: FlatBatch | None = None
+    g1sum: Tensor | None = None
 
 
 def _fast(*ts: Tensor | None) -> bool:
@@ -198,13 +201,15 @@ class GSGD(Optimizer):
     ``maximize``, ``foreach`` (plain-SGD groups), ``wnorm`` ("G-SGD + BN(wnorm)"), ``r_min`` (clamp
     ``R_k`` from below; ``None``: off, faithful), ``check`` (warn when ``R_k <= 0``, raise on
     non-finite/zero ``R``, ``v = 0`` or non-finite gradients before writing; one device sync and a
-    sum over layer-1 gradients per step).
+    sum over the layer-1 gradients per step), ``flat`` (the flat fast path of
+    :mod:`bnlab.optim._gsgd_flat`, bit-identical to the per-block path: block weights and buffers
+    become views of flat buffers; ``False``: always the per-block path).
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, wnorm: bool = False, r_min: float | None = None,
-                 check: bool = True) -> None:
+                 check: bool = True, flat: bool = True) -> None:
         for name, val in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
                 raise ValueError(f"{name} must be a float >= 0, got {val!r}")
@@ -218,6 +223,8 @@ class GSGD(Optimizer):
                         r_min=r_min, roles=None, block="", differentiable=False)
         super().__init__(params, defaults)
         self.check = check
+        self.flat = flat
+        self._flats: dict[tuple, FlatBatch] = {}  # flat layouts of block batches, by hyper-parameter key
         self._layers: dict[tuple, _Layer] = {}
         self._scratches: dict[tuple, Tensor] = {}
         self._elayouts: dict[int, Any] = {}  # flat layouts of the plain groups (bnlab.optim.psi.flat_sgd_step)
@@ -248,6 +255,21 @@ class GSGD(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_layers"):
             self._validate_group(self.param_groups[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``copy.deepcopy`` / pickle: ``Optimizer``'s state plus this optimiser's settings and telemetry
+        (the cached layouts are rebuilt on the next step)."""
+        return {**super().__getstate__(), "check": self.check, "flat": self.flat, "_warned": set(self._warned),
+                "_tele": dict(self._tele)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._flats, self._layers, self._scratches, self._elayouts = {}, {}, {}, {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``; the flat layouts are rebuilt from the loaded buffers on the next step."""
+        self._flats, self._elayouts = {}, {}
+        super().load_state_dict(state_dict)
 
     def _scratch(self, groups: list[dict[str, Any]]) -> Tensor:
         """A reusable 1-D buffer as large as the largest layer >= 2 of ``groups`` (dtype/device of
@@ -315,12 +337,18 @@ class GSGD(Optimizer):
                 p0 = group["params"][0]
                 key = (*(group[k] for k in _HYPER), p0.dtype, p0.device)
                 batches.setdefault(key, []).append(group)
-        preps = [self._prepare(groups) for groups in batches.values()]
+        preps = []
+        for key, groups in batches.items():
+            prep = self._prepare_flat(key, groups) if self.flat else None
+            preps.append(self._prepare(groups) if prep is None else prep)
         if preps:
             if self.check:
                 self._check(preps)
             for b in preps:
-                self._apply(b)
+                if b.flat is not None:
+                    self._apply_flat(b)
+                else:
+                    self._apply(b)
             v, R = (torch.cat([getattr(b, n) for b in preps]) for n in ("v", "R"))
             self._record(v, R, [b.clamped for b in preps if b.clamped is not None])
         self._tele["steps"] = int(self._tele["steps"]) + 1
@@ -486,31 +514,85 @@ class GSGD(Optimizer):
                     wv.addcmul_(bv, col["c_buf"])
                 _put(w, lay, keep)
 
+    def _prepare_flat(self, key: tuple, groups: list[dict[str, Any]]) -> _Prep | None:
+        """:meth:`_prepare` on the flat layout of the batch (built or rebuilt here when needed): the same
+        (sum H,) vectors, from a few whole-batch ops. None (nothing done) where the batch does not qualify
+        (:func:`bnlab.optim._gsgd_flat.eligible`; e.g. the first step with momentum)."""
+        fb = self._flats.get(key)
+        if fb is None or not fb.valid(groups, self.state):
+            if not eligible(groups, self.state):
+                return None
+            fb = self._flats[key] = FlatBatch(groups, self.state)
+        if not fb.load_grads():
+            return None
+        hp = groups[0]
+        g1sum = fb.layer1_sum() if self.check else None
+        v, gsk = fb.skeleton_values()
+        d_s = gsk - fb.sigma() / v
+        mom, sbuf = hp["momentum"], None
+        if mom != 0:
+            sbuf = fb.SB * mom + d_s * (1 - hp["dampening"])
+            d_s = d_s + mom * sbuf if hp["nesterov"] else sbuf
+        R = 1 - hp["lr"] * d_s / v
+        clamped = None
+        if hp["r_min"] is not None:
+            clamped = (R < hp["r_min"]).sum()
+            R = R.clamp_min(hp["r_min"])
+        return _Prep(groups, [], fb.g1, [], [], fb.sizes, v, R, sbuf, clamped, fb, g1sum)
+
+    def _apply_flat(self, b: _Prep) -> None:
+        """:meth:`_apply` on the flat buffers (the same operations per element, in the same order)."""
+        fb, hp = b.flat, b.groups[0]
+        assert fb is not None
+        lr, wd, mom, damp, nest = (hp[k] for k in ("lr", "weight_decay", "momentum", "dampening", "nesterov"))
+        v, R = b.v, b.R
+        if b.sbuf is not None:
+            fb.SB.copy_(b.sbuf)
+        inv_v, inv_r = 1 / v, 1 / R
+        vecs = [inv_r * (1 - lr * wd) if wd and (mom == 0 or nest) else inv_r]
+        if mom == 0 or nest:
+            vecs.append(-lr * inv_v * inv_v * inv_r)
+        if mom != 0:
+            vecs += [(-lr * mom if nest else -lr) * inv_v * inv_r, (1 - damp) * inv_v]
+            if wd:
+                vecs.append(wd * (1 - damp) * v)
+        fb.coefficients(torch.stack(vecs))
+        fb.update_rest(mom, wd, nest)
+        fb.update_first(lr, mom, damp, wd, nest, v * R)
+
     def _check(self, preps: list[_Prep]) -> None:
         """Raise ``FloatingPointError`` (before any block weight is written) on non-finite or zero
         ``R``, ``v == 0`` or a non-finite gradient (layer 1 by its sum; layers >= 2 reach ``R``
-        through ``sigma``); warn once per block on ``R_k <= 0``. One host sync."""
-        blocks = [(g, w[0], g0, v, R) for b in preps
-                  for g, w, g0, v, R in zip(b.groups, b.ws, b.g0, b.v.split(b.sizes), b.R.split(b.sizes))]
+        through ``sigma``); warn once per block on ``R_k <= 0``. One host sync, a fixed number of ops."""
         v, R = (torch.cat([getattr(b, n) for b in preps]) for n in ("v", "R"))
-        g1 = torch.stack([g0.sum() for _g, _w, g0, _v, _r in blocks]).to(R.dtype)   # non-finite iff a g is
-        todo = [blk for blk in blocks if blk[0]["block"] not in self._warned]
-        flags = torch.stack([(~torch.isfinite(R)).any() | (v == 0).any() | (R == 0).any() |
-                             (~torch.isfinite(g1)).any(), *[(blk[4] <= 0).any() for blk in todo]]).tolist()
+        g1 = torch.cat([(torch.stack([g.sum() for g in b.g0]) if b.g1sum is None else b.g1sum).to(R.dtype)
+                        for b in preps])  # non-finite iff a g is (sum: 1 read; the flat path: one total)
+        sizes = [n for b in preps for n in b.sizes]
+        if len(preps) == 1 and preps[0].flat is not None:
+            block = preps[0].flat.block_id
+        else:
+            block = torch.repeat_interleave(torch.arange(len(sizes), device=R.device),
+                                            torch.tensor(sizes, device=R.device))
+        flips = R.new_zeros(len(sizes)).index_add_(0, block, (R <= 0).to(R.dtype))
+        bad = (~torch.isfinite(R)).any() | (v == 0).any() | (R == 0).any() | (~torch.isfinite(g1)).any()
+        flags = torch.cat([bad.view(1).to(R.dtype), flips]).tolist()
+        groups = [g for b in preps for g in b.groups]
+        vs, Rs = v.split(sizes), R.split(sizes)
         if flags[0]:
-            for group, _w, g0, v, R in blocks:
-                if not (torch.isfinite(R).all() and (v != 0).all() and (R != 0).all() and torch.isfinite(g0).all()):
+            gsums = [g.sum() for b in preps for g in b.g0]  # per block (the flat path summed them all at once)
+            for group, vb, Rb, gb in zip(groups, vs, Rs, gsums):
+                if not (torch.isfinite(Rb).all() and (vb != 0).all() and (Rb != 0).all() and torch.isfinite(gb)):
                     raise FloatingPointError(
-                        f"GSGD block {group['block']!r}: degenerate step (min |v_k| = {float(v.abs().min()):.3g}, "
-                        f"R_k in [{float(R.min()):.3g}, {float(R.max()):.3g}]); no weight was changed. "
+                        f"GSGD block {group['block']!r}: degenerate step (min |v_k| = {float(vb.abs().min()):.3g}, "
+                        f"R_k in [{float(Rb.min()):.3g}, {float(Rb.max()):.3g}]); no weight was changed. "
                         "Lower lr or set r_min")
-        for (group, _w, _g0, v, R), flip in zip(todo, flags[1:]):
+        for group, vb, Rb, flip in zip(groups, vs, Rs, flags[1:]):
             name = group["block"]
             if flip and name not in self._warned:
                 self._warned.add(name)
-                k = int(torch.argmin(R))
-                warnings.warn(f"GSGD block {name!r}: path ratio R_k = {float(R[k]):.3g} <= 0 for skeleton "
-                              f"path {k} (v_k changes sign; |v_k| = {float(v[k].abs()):.3g}); "
+                k = int(torch.argmin(Rb))
+                warnings.warn(f"GSGD block {name!r}: path ratio R_k = {float(Rb[k]):.3g} <= 0 for skeleton "
+                              f"path {k} (v_k changes sign; |v_k| = {float(vb[k].abs()):.3g}); "
                               "set r_min to clamp (warned once per block; telemetry counts "
                               "gsgd_sign_flips)", RuntimeWarning, stacklevel=3)
 
@@ -520,7 +602,7 @@ def _builder(model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: f
     """``make_optimizer("gsgd", model, ...)``: refuses a model that is not in path space."""
     from ..path.reparam import param_groups
 
-    allowed = {"wnorm", "r_min", "dampening", "check", "maximize", "foreach"}
+    allowed = {"wnorm", "r_min", "dampening", "check", "maximize", "foreach", "flat"}
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"optimizer 'gsgd': unknown option(s) {sorted(unknown)}; expected {sorted(allowed)}")

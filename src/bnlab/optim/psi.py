@@ -924,6 +924,18 @@ class PSISGD(Optimizer):
         self._layouts, self._elayouts, self._fused = {}, {}, {}
         super().load_state_dict(state_dict)
 
+    _SETTINGS = ("check_invariance", "guard_steps", "check_finite", "track_angles", "fused", "_steps_done", "_bn")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``copy.deepcopy`` / pickle: ``Optimizer``'s state plus this optimiser's settings (the cached
+        layouts are rebuilt on the next step; pending angle telemetry is reduced first)."""
+        self._flush_all_angles()
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._SETTINGS}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._layouts, self._elayouts, self._fused = {}, {}, {}
+
     def _psi_step(self, gi: int, group: dict[str, Any], guard: bool) -> None:
         """Algorithm 1 for every unit of the group; vectorised over units, foreach over tensors.
 
