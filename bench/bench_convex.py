@@ -11,6 +11,11 @@ Times are process CPU seconds (single-threaded solvers; robust to the load of ot
 wall seconds are reported alongside. pyscnn is optional (PYSCNN_PATH adds a site dir; missing: skipped).
 
     python bench/bench_convex.py [--quick] [--tol 1e-4] [--sizes 1000,20,200 ...] [--baselines clarabel,scs]
+        [--no-program] [--repeat 5] [--baseline-json clarabel_1000.json]
+--no-program skips the (slow) program-certificate solve; --repeat k runs each bnlab solve k times and reports
+the median CPU time; --baseline-json takes the Clarabel row from bench/convex_clarabel_baseline.py's JSON
+(one per size, same data/whitening/patterns; baseline CPU = its process_time around CVXPY's Problem.solve,
+i.e. compilation + Clarabel, without data loading) instead of solving it in this process.
     bench_rows(quick) -> list[dict]   (name, size, ours_ms, baseline_ms, ratio = ours/baseline, speedup,
                                        rel_gap = (ours - baseline objective)/|baseline objective|, ...)
 """
@@ -71,34 +76,53 @@ def _data(n: int):
     return "digits 0/1", X[:n], np.where(y[:n] == 1, 1.0, -1.0), 0.05
 
 
-def _timed(fn, *a, **k):
-    """(result, wall s, process CPU s)."""
-    t, c = time.perf_counter(), time.process_time()
-    out = fn(*a, **k)
-    return out, time.perf_counter() - t, time.process_time() - c
+def _timed(fn, *a, repeat: int = 1, **k):
+    """(result, wall s, process CPU s); ``repeat`` > 1: the run with the median CPU time."""
+    runs = []
+    for _ in range(max(1, repeat)):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn(*a, **k)
+        runs.append((out, time.perf_counter() - t, time.process_time() - c))
+    return sorted(runs, key=lambda r: r[2])[len(runs) // 2]
+
+
+class _Ext:
+    """A baseline measured in another process (bench/convex_clarabel_baseline.py's JSON)."""
+
+    def __init__(self, path: str):
+        import json
+
+        with open(path) as f:
+            self.row = json.load(f)
+        self.objective = float(self.row["objective"])
+        self.violation = float(self.row["violation"])
 
 
 def bench_rows(quick: bool = True, tol: float = 1e-4, sizes=None, baselines=BASELINES, pyscnn_tol: float = 1e-6,
-               program_max_iter: int = 20000, network: bool = True) -> list[dict]:
+               program_max_iter: int = 20000, network: bool = True, program: bool = True, repeat: int = 1,
+               baseline_json=None) -> list[dict]:
     """One row per (size, baseline): ``ours_ms`` = bnlab ADMM's CPU time to a certified gap <= tol
     (program certificate; capped at ``program_max_iter``, then ``certified`` is False), ``baseline_ms`` = the
     baseline's CPU time at tolerance ``tol`` (Clarabel/SCS) or ``pyscnn_tol``; ``ratio`` = ours/baseline
     (``target`` 0.05 on the Clarabel row), ``speedup`` = baseline/ours, ``rel_gap`` = (our objective -
     baseline objective)/|baseline objective|. Plus one "ADMM-network vs Clarabel" row (``network``)."""
-    return [r for rows in iter_rows(quick, tol, sizes, baselines, pyscnn_tol, program_max_iter, network)
-            for r in rows]
+    return [r for rows in iter_rows(quick, tol, sizes, baselines, pyscnn_tol, program_max_iter, network, program,
+                                    repeat, baseline_json) for r in rows]
 
 
 def iter_rows(quick: bool = True, tol: float = 1e-4, sizes=None, baselines=BASELINES, pyscnn_tol: float = 1e-6,
-              program_max_iter: int = 20000, network: bool = True):
-    """As :func:`bench_rows`, yielding the rows of one size at a time."""
+              program_max_iter: int = 20000, network: bool = True, program: bool = True, repeat: int = 1,
+              baseline_json=None):
+    """As :func:`bench_rows`, yielding the rows of one size at a time. ``program=False``: no program-certificate
+    solve (its row fields are NaN); ``baseline_json``: list (one per size) of JSON files of
+    bench/convex_clarabel_baseline.py used as the Clarabel row instead of solving it here."""
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {list(baselines)!r}")
     torch.set_num_threads(1)
     if os.environ.get("PYSCNN_PATH") and os.environ["PYSCNN_PATH"] not in sys.path:
         sys.path.insert(0, os.environ["PYSCNN_PATH"])
-    for n, k, gates in sizes or (QUICK_SIZES if quick else FULL_SIZES):
+    for si, (n, k, gates) in enumerate(sizes or (QUICK_SIZES if quick else FULL_SIZES)):
         rows = []
         label, X, y, beta = _data(n)
         n = len(y)
@@ -108,10 +132,18 @@ def iter_rows(quick: bool = True, tol: float = 1e-4, sizes=None, baselines=BASEL
             warnings.simplefilter("ignore")
             D = sample_patterns(wh.Up, gates, seed=0)
             prob = ConvexBNProblem(T(wh.Up), T(D), T(y), beta)
-            ours, w_ours, t_ours = _timed(solve, prob, "admm", tol=tol, max_iter=program_max_iter)
+            if program:
+                ours, w_ours, t_ours = _timed(solve, prob, "admm", tol=tol, max_iter=program_max_iter, repeat=repeat)
             if network:
-                net, w_net, t_net = _timed(solve, prob, "admm-network", tol=tol, max_iter=100000)
-            if "clarabel" in baselines:
+                net, w_net, t_net = _timed(solve, prob, "admm-network", tol=tol, max_iter=100000, repeat=repeat)
+                if not program:                                   # the network row only
+                    ours, w_ours, t_ours = net, float("nan"), float("nan")
+            if baseline_json:
+                ext = _Ext(baseline_json[si])
+                cands.append(("ADMM vs Clarabel", f"CVXPY+Clarabel (tol {tol:g}, separate process)",
+                              float(ext.row["solve_wall_s"]), float(ext.row["solve_cpu_s"]), ext.objective,
+                              ext.violation))
+            elif "clarabel" in baselines:
                 cl, w_cl, t_cl = _timed(solve, prob, "clarabel", tol=tol,
                                         solver_opts={"tol_gap_rel": tol, "tol_gap_abs": tol, "tol_feas": 1e-6})
                 cands.append(("ADMM vs Clarabel", f"CVXPY+Clarabel (tol {tol:g})", w_cl, t_cl, cl.objective,
@@ -131,12 +163,14 @@ def iter_rows(quick: bool = True, tol: float = 1e-4, sizes=None, baselines=BASEL
         p_ref = cands[0][4] if cands and cands[0][0] == "ADMM vs Clarabel" else float("nan")
         size = f"{label} n={n} q={wh.q} P={D.shape[1]}"
         load = os.getloadavg()[0]
+        if not program and not network:
+            raise ValueError("nothing to run: program=False and network=False")
         base = {"size": size, "ours_ms": 1e3 * t_ours, "ours_wall_ms": 1e3 * w_ours, "gap": ours.gap,
                 "objective": ours.objective, "dual_bound": ours.dual_bound,
                 "ours_rel": (ours.objective - p_ref) / abs(p_ref),
                 "ours_viol": ours.violation, "certified": ours.converged, "iterations": ours.iterations,
                 "dtype": "float64", "device": "cpu", "load1": load}
-        for name, bl, w_b, t_b, obj, viol in cands:
+        for name, bl, w_b, t_b, obj, viol in cands if program else []:
             rows.append(dict(base, name=name, baseline=bl, baseline_ms=1e3 * t_b, baseline_wall_ms=1e3 * w_b,
                              ratio=t_ours / t_b, speedup=t_b / t_ours, rel_gap=(ours.objective - obj) / abs(obj),
                              baseline_objective=obj, baseline_rel=(obj - p_ref) / abs(p_ref), baseline_viol=viol,
@@ -149,8 +183,14 @@ def iter_rows(quick: bool = True, tol: float = 1e-4, sizes=None, baselines=BASEL
                              ours_viol=net.violation, certified=net.converged, iterations=net.iterations,
                              baseline=bl, baseline_ms=1e3 * t_b, baseline_wall_ms=1e3 * w_b, ratio=t_net / t_b,
                              speedup=t_b / t_net, rel_gap=(net.objective - obj) / abs(obj), baseline_objective=obj,
-                             baseline_rel=(obj - p_ref) / abs(p_ref), baseline_viol=viol, target=None))
-        if not cands:                                   # ours only (e.g. the baseline was run separately)
+                             baseline_rel=(obj - p_ref) / abs(p_ref), baseline_viol=viol,
+                             target=TARGET if cands[0][0] == "ADMM vs Clarabel" else None))
+        if not cands and not program:
+            rows.append(dict(base, name="ADMM-network (no baseline)", baseline="none", baseline_ms=float("nan"),
+                             baseline_wall_ms=float("nan"), ratio=float("nan"), speedup=float("nan"),
+                             rel_gap=float("nan"), baseline_objective=float("nan"), baseline_rel=float("nan"),
+                             baseline_viol=float("nan"), target=None, ours_ms=1e3 * t_net, ours_wall_ms=1e3 * w_net))
+        elif not cands:                                   # ours only (e.g. the baseline was run separately)
             rows.append(dict(base, name="ADMM (no baseline)", baseline="none", baseline_ms=float("nan"),
                              baseline_wall_ms=float("nan"), ratio=float("nan"), speedup=float("nan"),
                              rel_gap=float("nan"), baseline_objective=float("nan"), baseline_rel=float("nan"),
@@ -172,6 +212,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-network", action="store_true", help="skip the admm-network rows")
     ap.add_argument("--sizes", nargs="*", default=None, help="n,k,gates triples")
     ap.add_argument("--program-max-iter", type=int, default=20000)
+    ap.add_argument("--no-program", action="store_true", help="skip the (slow) program-certificate admm solve")
+    ap.add_argument("--repeat", type=int, default=1, help="bnlab solves per size (median CPU reported)")
+    ap.add_argument("--baseline-json", nargs="*", default=None,
+                    help="Clarabel rows from bench/convex_clarabel_baseline.py JSON files (one per size)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split(",")) for s in a.sizes] if a.sizes else None
@@ -180,7 +224,8 @@ def main(argv=None) -> int:
     print("size | row | ours CPU s (wall) (rel, gap, viol, certified, iters) | baseline | baseline CPU s (wall) "
           "(rel, viol) | ratio | speedup | load1")
     allrows = []
-    for rows in iter_rows(a.quick, a.tol, sizes, bls, a.pyscnn_tol, a.program_max_iter, not a.no_network):
+    for rows in iter_rows(a.quick, a.tol, sizes, bls, a.pyscnn_tol, a.program_max_iter, not a.no_network,
+                          not a.no_program, a.repeat, a.baseline_json):
         for r in rows:
             allrows.append(r)
             print(f"{r['size']} | {r['name']} | {r['ours_ms'] / 1e3:.2f} ({r['ours_wall_ms'] / 1e3:.2f}) "

@@ -383,3 +383,33 @@ def test_admm_network_fast_path_gated_logistic_and_weights():
     sw = solve(wp, "admm-network", tol=1e-5)
     assert sw.converged and sw.dual_bound <= refw.objective * (1 + 1e-9)
     assert float(wp.objective(T(sw.W), gated=False)) <= sw.dual_bound + 1e-5 * abs(sw.objective)
+
+
+def test_bench_network_rows_against_a_separately_measured_clarabel(tmp_path):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        mods = {}
+        for name in ("bench_convex", "convex_clarabel_baseline"):
+            spec = importlib.util.spec_from_file_location(f"_t_{name}", bench / f"{name}.py")
+            mods[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+        out = tmp_path / "cl.json"
+        assert mods["convex_clarabel_baseline"].main(["--size", "60,5,20", "--json", str(out)]) == 0
+        base = json.loads(out.read_text())
+        assert base["status"] == "optimal" and base["solve_cpu_s"] > 0 and base["process_cpu_s"] >= base["solve_cpu_s"]
+        rows = mods["bench_convex"].bench_rows(sizes=[(60, 5, 20)], baselines=(), program=False, repeat=2,
+                                               baseline_json=[str(out)])
+    finally:
+        sys.path.remove(str(bench))
+    assert [r["name"] for r in rows] == ["ADMM-network vs Clarabel"]
+    r = rows[0]
+    assert r["certified"] and r["target"] == 0.05 and r["baseline_objective"] == base["objective"]
+    assert r["objective"] <= r["dual_bound"] + 1e-4 * abs(r["objective"])
+    assert r["objective"] <= base["objective"] * (1 + 1e-4)           # the network is at least as good
+    assert r["ratio"] == pytest.approx(r["ours_ms"] / r["baseline_ms"])
