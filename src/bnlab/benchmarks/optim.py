@@ -1,7 +1,8 @@
 """Optimiser step against ``torch.optim.SGD(foreach=True)`` on the same parameters.
 
 * PSISGD (``make_optimizer("psi-sgdm", resnet56)``) vs SGD(momentum, foreach) on ResNet-56 (BN).
-* GSGD (``make_optimizer("gsgd", resnet18 pbn)``) vs SGD(momentum, foreach) on the same model.
+* GSGD (``make_optimizer("gsgd", resnet56 pbn)``, and a ResNet-18 at width 0.5) vs SGD(momentum, foreach)
+  on the same model.
 
 Gradients come from one real forward/backward (so PSISGD's scale-invariance guard, active on its
 first steps, sees genuine gradients); the first steps run during warm-up, then only ``step()`` is
@@ -81,21 +82,23 @@ def run(quick: bool, device: torch.device, settings: Settings) -> Iterator[Resul
         o, b = compare(ours, base, settings, device)
         yield Result("optim/psi-sgdm step", o, b, f"{name} w{width} ({_count(model)} params)", "float32",
                      device.type, baseline="SGD(momentum, foreach)", target=TARGET)
-    # GSGD on ResNet-18 in path space; quick: tiny width.
-    width = 0.125 if quick else 0.5
-    try:
-        torch.manual_seed(0)
-        size = 16 if quick else 32
-        pmodel = _with_grads(build("resnet18", norm="pbn", width=width), device, size)
-        # lr 1e-4: the timed steps reuse one gradient (~100 steps); at 1e-2 the skeleton path ratios go
-        # negative and explode after a few dozen steps (same work per step, but warnings and a
-        # degenerate state); 1e-4 keeps R_k in [0.9997, 1.0001] over 400 steps
-        ours, base = _pair(pmodel, "gsgd", lr=1e-4, momentum=0.9, input_size=size)
-    except (ImportError, ValueError) as e:
-        raise Skip(f"gsgd / pbn model not available ({type(e).__name__}: {e})") from e
-    o, b = compare(ours, base, settings, device)
-    yield Result("optim/gsgd step", o, b, f"resnet18-pbn w{width} ({_count(pmodel)} params)", "float32",
-                 device.type, baseline="SGD(momentum, foreach)", target=TARGET)
+    # GSGD on the same ResNet-56, in path space (the issue's parameter set), and on a wider ResNet-18 (2.8M
+    # parameters: the memory-bound regime); quick: resnet20 at quarter width only.
+    cases = [("resnet20", 0.25)] if quick else [("resnet56", 1.0), ("resnet18", 0.5)]
+    for name, width in cases:
+        try:
+            torch.manual_seed(0)
+            size = 16 if quick else 32
+            pmodel = _with_grads(build(name, norm="pbn", width=width), device, size)
+            # lr 1e-4: the timed steps reuse one gradient (~100 steps); at 1e-2 the skeleton path ratios go
+            # negative and explode after a few dozen steps (same work per step, but warnings and a
+            # degenerate state); 1e-4 keeps R_k in [0.9997, 1.0001] over 400 steps
+            ours, base = _pair(pmodel, "gsgd", lr=1e-4, momentum=0.9, input_size=size)
+        except (ImportError, ValueError) as e:
+            raise Skip(f"gsgd / pbn model not available ({type(e).__name__}: {e})") from e
+        o, b = compare(ours, base, settings, device)
+        yield Result("optim/gsgd step", o, b, f"{name}-pbn w{width} ({_count(pmodel)} params)", "float32",
+                     device.type, baseline="SGD(momentum, foreach)", target=TARGET)
 
 
 def gsgd_before_after(old_path: str, width: float = 0.5, rounds: int = 3,
@@ -130,6 +133,41 @@ def gsgd_before_after(old_path: str, width: float = 0.5, rounds: int = 3,
         a, b = compare(o_old.step, o_new.step, settings, device)
         out.append(dict(old_ms=old_ms, new_ms=new_ms, sgd_ms=(sgd1 + sgd2) / 2, old_vs_sgd=old_ms / sgd1,
                         new_vs_sgd=new_ms / sgd2, old_vs_new=a / b))
+    return out
+
+
+def gsgd_flat_vs_per_block(model_name: str = "resnet56", width: float = 1.0, rounds: int = 3,
+                           settings: Settings | None = None) -> list[dict[str, float]]:
+    """Thread-CPU interleaved medians (:func:`compare_cpu`) of the G-SGD step with the flat fast path
+    (default), with ``flat=False`` (the per-block path) and of SGD(momentum, foreach), on three copies of
+    ``build(model_name, norm="pbn", width=width)`` with the same gradients (x 1e-4, held fixed), lr 1e-4,
+    momentum 0.9. One dict per round: ``flat_ms``, ``per_block_ms``, ``sgd_ms`` and the ratios."""
+    from ..models import build
+    from ..optim.gsgd import GSGD
+    from ..path.reparam import param_groups
+
+    settings = settings or Settings(reps=11)
+    torch.manual_seed(0)
+    model = _with_grads(build(model_name, norm="pbn", width=width), torch.device("cpu"), 32)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(1e-4)
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    for c in copies:
+        for p, q in zip(model.parameters(), c.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+    o_flat = GSGD(param_groups(copies[0]), lr=1e-4, momentum=0.9)
+    o_blk = GSGD(param_groups(copies[1]), lr=1e-4, momentum=0.9, flat=False)
+    o_sgd = torch.optim.SGD(copies[2].parameters(), lr=1e-4, momentum=0.9, foreach=True)
+    for _ in range(3):
+        for o in (o_flat, o_blk, o_sgd):
+            o.step()
+    out = []
+    for _ in range(rounds):
+        f, s1 = compare_cpu(o_flat.step, o_sgd.step, settings)
+        b, s2 = compare_cpu(o_blk.step, o_sgd.step, settings)
+        out.append(dict(flat_ms=f, per_block_ms=b, sgd_ms=(s1 + s2) / 2, flat_vs_sgd=f / s1,
+                        per_block_vs_sgd=b / s2))
     return out
 
 
@@ -248,12 +286,14 @@ def psi_before_after(old_path: str | None, rounds: int = 3, track_angles: bool =
     return {"compile_s": compile_s, "rounds": out}
 
 
-if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD_GSGD_PY | psi [OLD_PSI_PY] [--fused] ...}
+if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD | gsgd-flat [--model M] | psi [OLD] ...}
     import argparse
     import json
 
     ap = argparse.ArgumentParser(description="optimiser step before/after vs SGD(foreach)")
-    ap.add_argument("kind", help="gsgd | psi (a path ending in .py: gsgd with that old file, as before)")
+    ap.add_argument("kind", help="gsgd | gsgd-flat | psi (a path ending in .py: gsgd with that old file)")
+    ap.add_argument("--model", default="resnet56", help="gsgd-flat: model name (pbn)")
+    ap.add_argument("--width", type=float, default=1.0, help="gsgd-flat: model width")
     ap.add_argument("old", nargs="?", default=None, help="path of the earlier optim/<kind>.py")
     ap.add_argument("--fused", action="store_true", help="psi: also time fused=True (compile time reported)")
     ap.add_argument("--angles", type=int, default=1, help="psi: track_angles (default 1)")
@@ -263,10 +303,13 @@ if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD_GSGD_PY
     a = ap.parse_args()
     if a.kind.endswith(".py"):
         a.kind, a.old = "gsgd", a.kind
-    if a.kind not in ("gsgd", "psi"):
-        ap.error(f"kind must be gsgd or psi, got {a.kind!r}")
+    if a.kind not in ("gsgd", "gsgd-flat", "psi"):
+        ap.error(f"kind must be gsgd, gsgd-flat or psi, got {a.kind!r}")
     torch.set_num_threads(1)
-    if a.kind == "gsgd":
+    if a.kind == "gsgd-flat":
+        for row in gsgd_flat_vs_per_block(a.model, a.width, rounds=a.rounds, settings=Settings(reps=a.reps)):
+            print({k: round(v, 3) for k, v in row.items()})
+    elif a.kind == "gsgd":
         if a.old is None:
             ap.error("gsgd needs the path of the earlier optim/gsgd.py")
         for row in gsgd_before_after(a.old, rounds=a.rounds):
