@@ -27,10 +27,12 @@ def test_run_folder_contents(tmp_path):
     assert state["progress"]["epoch"] == 3
 
 
-def test_resume_is_bit_identical(tmp_path):
-    full = _cfg(tmp_path, out_dir=str(tmp_path / "full"))
+@pytest.mark.parametrize("kw", [dict(), dict(norm="pbn", optim="gsgd", momentum=0.9, lr=0.01)])
+def test_resume_is_bit_identical(tmp_path, kw):
+    """Also G-SGD with momentum: its flat fast path's buffers go through the checkpoint and back."""
+    full = _cfg(tmp_path, out_dir=str(tmp_path / "full"), **kw)
     train(full, quiet=True)
-    part = _cfg(tmp_path, out_dir=str(tmp_path / "part"))
+    part = _cfg(tmp_path, out_dir=str(tmp_path / "part"), **kw)
     train(part, quiet=True, stop_after_epochs=1)
     assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["progress"]["epoch"] == 1
     train(part, resume=True, quiet=True)
