@@ -47,10 +47,10 @@ def _skeleton_offsets(shape: torch.Size, role: str, device: torch.device) -> Ten
 
 
 def batch_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """Identity of a batch's tensors: storage addresses and shapes (a replaced ``p.data``, a dtype or
-    device change all allocate new storage)."""
-    ps = [p for g in groups for p in g["params"]]
-    return tuple(id(g) for g in groups), tuple(p.data_ptr() for p in ps), tuple(p.shape for p in ps)
+    """Identity of a batch: its groups, their sizes and the storage addresses of their tensors (a replaced
+    ``p.data``, a dtype or device change all allocate new storage)."""
+    return (tuple(map(id, groups)), tuple(len(g["params"]) for g in groups),
+            tuple(p.data_ptr() for g in groups for p in g["params"]))
 
 
 def eligible(groups: list[dict[str, Any]], state: Any) -> bool:
@@ -134,7 +134,6 @@ class FlatBatch:
         self.skel1, self.skel2 = torch.cat(parts1), torch.cat(parts2)
         self.layer_k, self.cidx = torch.cat(layer_k), torch.cat(cidx)   # k of each layer's H entries / columns
         self.two_layer = all(len(g["params"]) == 2 for g in groups)     # sigma of a layer is its block's
-        self.block_id = torch.repeat_interleave(torch.arange(len(groups), device=dev), torch.tensor(self.sizes))
         # runs: consecutive layers >= 2 of one shape, (elem start, elem stop, column start, n, C_out, H taps)
         self.runs: list[tuple[int, int, int, int, int, int]] = []
         e = c = 0
@@ -177,18 +176,22 @@ class FlatBatch:
                 state[p]["momentum_buffer"] = v
             for p, v in zip(self.firsts, self.sb):
                 state[p]["skeleton_buffer"] = v
+        self.sdicts = [state[p] for p in self.params]  # per-parameter state dicts (no tensor hashing per step)
         self.key = batch_key(groups)
         self.g1: list[Tensor] = []
         self.g2: list[Tensor] = []
 
     def valid(self, groups: list[dict[str, Any]], state: Any) -> bool:
-        """The cached layout still describes ``groups`` and ``state`` (nothing was replaced)."""
-        if groups != self.groups or batch_key(groups) != self.key:
+        """The cached layout still describes ``groups`` and ``state``: same groups and storages, and the
+        state still holds the flat views (``GSGD.load_state_dict`` drops the layouts anyway)."""
+        if batch_key(groups) != self.key:
             return False
         if self.B1 is None:
             return True
-        return all(state[p].get("momentum_buffer") is v for p, v in zip(self.params, self.b1 + self.b2)) and \
-            all(state[p].get("skeleton_buffer") is v for p, v in zip(self.firsts, self.sb))
+        if state.get(self.params[0]) is not self.sdicts[0]:     # a new state mapping
+            return False
+        return all(d.get("momentum_buffer") is v for d, v in zip(self.sdicts, self.b1 + self.b2)) and \
+            all(d.get("skeleton_buffer") is v for d, v in zip(self.sdicts, self.sb))
 
     def _run(self, flat: Tensor, r: tuple[int, int, int, int, int, int]) -> Tensor:
         return flat[r[0]:r[1]].view(r[3], r[4], r[5])

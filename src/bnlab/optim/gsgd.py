@@ -32,6 +32,7 @@ out-of-place form, kept as a readable reference (the tests use their own copy).
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any, NamedTuple
 
@@ -129,6 +130,7 @@ class _Layer:
 
 
 _HYPER = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize", "wnorm", "r_min")
+_hyper = operator.itemgetter(*_HYPER)
 
 
 class _Prep(NamedTuple):
@@ -333,9 +335,8 @@ class GSGD(Optimizer):
                 if not flat_sgd_step(self.state, self._elayouts, gi, group,
                                      True if group["foreach"] is None else group["foreach"]):
                     self._sgd_group(group)
-            elif any(p.grad is not None for p in group["params"]):
-                p0 = group["params"][0]
-                key = (*(group[k] for k in _HYPER), p0.dtype, p0.device)
+            elif (p0 := group["params"][0]).grad is not None or any(p.grad is not None for p in group["params"]):
+                key = (*_hyper(group), p0.dtype, p0.device)
                 batches.setdefault(key, []).append(group)
         preps = []
         for key, groups in batches.items():
@@ -563,32 +564,32 @@ class GSGD(Optimizer):
     def _check(self, preps: list[_Prep]) -> None:
         """Raise ``FloatingPointError`` (before any block weight is written) on non-finite or zero
         ``R``, ``v == 0`` or a non-finite gradient (layer 1 by its sum; layers >= 2 reach ``R``
-        through ``sigma``); warn once per block on ``R_k <= 0``. One host sync, a fixed number of ops."""
-        v, R = (torch.cat([getattr(b, n) for b in preps]) for n in ("v", "R"))
-        g1 = torch.cat([(torch.stack([g.sum() for g in b.g0]) if b.g1sum is None else b.g1sum).to(R.dtype)
-                        for b in preps])  # non-finite iff a g is (sum: 1 read; the flat path: one total)
-        sizes = [n for b in preps for n in b.sizes]
-        if len(preps) == 1 and preps[0].flat is not None:
-            block = preps[0].flat.block_id
-        else:
-            block = torch.repeat_interleave(torch.arange(len(sizes), device=R.device),
-                                            torch.tensor(sizes, device=R.device))
-        flips = R.new_zeros(len(sizes)).index_add_(0, block, (R <= 0).to(R.dtype))
-        bad = (~torch.isfinite(R)).any() | (v == 0).any() | (R == 0).any() | (~torch.isfinite(g1)).any()
-        flags = torch.cat([bad.view(1).to(R.dtype), flips]).tolist()
+        through ``sigma``); warn once per block on ``R_k <= 0``. One host sync, ~10 small ops: ``v R`` (the
+        new skeleton weights) is finite and non-zero iff ``v R / (v R)`` is finite; the per-block
+        details are computed only when a flag is raised."""
+        v, R = (torch.cat([getattr(b, n) for b in preps]) if len(preps) > 1 else getattr(preps[0], n)
+                for n in ("v", "R"))
+        g1 = [b.g1sum if b.g1sum is not None else torch.stack([g.sum() for g in b.g0]) for b in preps]
+        vr = v * R
+        vals = torch.cat([vr * vr.reciprocal(), *(g.to(R.dtype) for g in g1)])  # non-finite iff a check fails
+        bad, flip = torch.stack([~torch.isfinite(vals).all(), (R <= 0).any()]).tolist()
+        if not (bad or flip):
+            return
         groups = [g for b in preps for g in b.groups]
+        sizes = [n for b in preps for n in b.sizes]
         vs, Rs = v.split(sizes), R.split(sizes)
-        if flags[0]:
+        if bad:
             gsums = [g.sum() for b in preps for g in b.g0]  # per block (the flat path summed them all at once)
             for group, vb, Rb, gb in zip(groups, vs, Rs, gsums):
-                if not (torch.isfinite(Rb).all() and (vb != 0).all() and (Rb != 0).all() and torch.isfinite(gb)):
+                if not (torch.isfinite(Rb).all() and (vb != 0).all() and (Rb != 0).all() and torch.isfinite(gb)
+                        and torch.isfinite(vb * Rb).all() and (vb * Rb != 0).all()):
                     raise FloatingPointError(
                         f"GSGD block {group['block']!r}: degenerate step (min |v_k| = {float(vb.abs().min()):.3g}, "
                         f"R_k in [{float(Rb.min()):.3g}, {float(Rb.max()):.3g}]); no weight was changed. "
                         "Lower lr or set r_min")
-        for group, vb, Rb, flip in zip(groups, vs, Rs, flags[1:]):
+        for group, vb, Rb in zip(groups, vs, Rs):
             name = group["block"]
-            if flip and name not in self._warned:
+            if name not in self._warned and bool((Rb <= 0).any()):
                 self._warned.add(name)
                 k = int(torch.argmin(Rb))
                 warnings.warn(f"GSGD block {name!r}: path ratio R_k = {float(Rb[k]):.3g} <= 0 for skeleton "

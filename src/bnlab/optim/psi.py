@@ -294,7 +294,8 @@ def flat_sgd_step(state: Any, cache: dict[int, _FlatLayout], gi: int, group: dic
     step_views, step_flat = lay.gviews, grad
     if rho != 0:
         st = state
-        if lay.ubuf is None or not all(st[p].get("momentum_buffer") is v for p, v in zip(params, lay.uviews)):
+        if lay.ubuf is None or st.get(params[0]) is not lay.sdicts[0] or \
+                not all(d.get("momentum_buffer") is v for d, v in zip(lay.sdicts, lay.uviews)):
             have = [st[p].get("momentum_buffer") for p in params]
             if any(h is None for h in have) and not all(h is None for h in have):
                 return False
@@ -308,6 +309,7 @@ def flat_sgd_step(state: Any, cache: dict[int, _FlatLayout], gi: int, group: dic
                 lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
             for p, v in zip(params, lay.uviews):
                 st[p]["momentum_buffer"] = v
+            lay.sdicts = [st[p] for p in params]  # per-parameter state dicts: no tensor hashing per step
         else:
             lay.ubuf.mul_(rho).add_(grad, alpha=1 - group["dampening"])
         if group["nesterov"]:
