@@ -413,3 +413,21 @@ def test_bench_network_rows_against_a_separately_measured_clarabel(tmp_path):
     assert r["objective"] <= r["dual_bound"] + 1e-4 * abs(r["objective"])
     assert r["objective"] <= base["objective"] * (1 + 1e-4)           # the network is at least as good
     assert r["ratio"] == pytest.approx(r["ours_ms"] / r["baseline_ms"])
+
+
+@pytest.mark.parametrize("seed, n, beta", [(0, 40, 0.1), (1, 80, 0.1)])
+def test_polish_multipliers_refine_support_blocks_tightens_a_valid_bound(seed, n, beta):
+    from bnlab.convex.polish import _multipliers
+
+    p = _problem(n=n, seed=seed, beta=beta, gates=60)
+    ref = solve(p, "clarabel", solver_opts={"tol_gap_rel": 1e-11, "tol_gap_abs": 1e-11, "tol_feas": 1e-11}).objective
+    r = admm(p, tol=1e-12, max_iter=30, newton_polish=False)             # an early iterate: a wrong active set
+    Wp, _ = repair_cone(p, r["W"])
+    sup = [(Wp[0].norm(dim=-1) > 0).nonzero().flatten()]
+    F = p.sigma[:, None, None] * (p.Dsgn.T[:, :, None] * p.Up[None])
+    lam_t = _multipliers(p, Wp, r["Yd"], sup, F, refine_support=True)
+    lam_f = _multipliers(p, Wp, r["Yd"], sup, F, refine_support=False)
+    assert bool((lam_t >= 0).all())
+    b_t, b_f = float(p.dual_bound(Wp, lam_t)[0]), float(p.dual_bound(Wp, lam_f)[0])
+    assert b_t <= ref * (1 + 1e-9)                                       # still a valid lower bound
+    assert b_t > b_f + 0.1 * (ref - b_f)                                 # and much tighter (~2-4x closer here)

@@ -263,7 +263,7 @@ def _block_multipliers(G: Tensor, E: Tensor, w: Tensor, Fs: Tensor, r: Tensor, b
 
 
 def _multipliers(p: ConvexBNProblem, Wp: Tensor, Yd: Tensor, supports: list[Tensor], F: Tensor,
-                 fista_iters: int = 200) -> Tensor:
+                 fista_iters: int = 200, refine_support: bool = True) -> Tensor:
     """λ (C, 2P, N) >= 0: on support blocks the min-norm solution of ``G_E^T λ = β w/||w|| + F^T r`` over the
     rows E where the polished block is active (|g| <= 1e-9 max|g|), clamped at 0; elsewhere ADMM's
     ``λ = ((2D-1) ⊙ (-Yd - σDν))_+`` with the polished ν."""
@@ -286,7 +286,9 @@ def _multipliers(p: ConvexBNProblem, Wp: Tensor, Yd: Tensor, supports: list[Tens
     for c, S in enumerate(supports):
         zero = torch.ones(R.shape[1], dtype=torch.bool, device=R.device)
         zero[S] = False
-        blocks.append((zero & (R[c] > 0.9)).nonzero().flatten())
+        # zero blocks near 1, and support blocks above 1 (a wrong active set E gives a least-squares λ_E whose
+        # ratio exceeds 1: the FISTA on all rows of the block brings it back to its minimum over λ >= 0)
+        blocks.append(((zero & (R[c] > 0.9)) | (~zero & (R[c] > 1 + 1e-12) & refine_support)).nonzero().flatten())
     _refine_blocks(p, lam, -r, blocks, fista_iters)
     R = _block_ratios(p, lam, -r)                                       # the few still above 1: more steps
     _refine_blocks(p, lam, -r, [b[R[c, b] > 1] for c, b in enumerate(blocks)], 10 * fista_iters)
