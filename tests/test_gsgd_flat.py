@@ -204,3 +204,39 @@ def test_model_state_dict_and_deepcopy_on_a_resnet():
         step(mc, oc)
     for a, b, c in zip(ma.state_dict().values(), mb.state_dict().values(), mc.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_lr_schedule_keeps_one_layout_and_matches_per_block():
+    """An lr (and weight-decay) change every step, as a scheduler makes: one flat layout built once (no
+    rebuild, no stale buffers kept), results bitwise equal to the per-block path; a batch whose composition
+    changes (a block without gradients) leaves at most one cached layout per parameter."""
+    ba, bb = _blocks(torch.float64), _blocks(torch.float64)
+    oa, ob = _opt(ba, True, momentum=0.9), _opt(bb, False, momentum=0.9)
+    builds = []
+    orig = flat_mod.FlatBatch.__init__
+
+    def counting_init(self, *a, **k):
+        builds.append(1)
+        orig(self, *a, **k)
+
+    gen = torch.Generator().manual_seed(9)
+    for step in range(6):
+        for o in (oa, ob):
+            for g in o.param_groups:
+                g["lr"], g["weight_decay"] = 0.05 * 0.8 ** step, 0.01 * step
+        gs = _grads(ba, gen)
+        _set(ba, gs)
+        _set(bb, gs)
+        if step == 4:
+            for p, q in zip(ba[0], bb[0]):
+                p.grad = q.grad = None
+        flat_mod.FlatBatch.__init__ = counting_init
+        try:
+            oa.step()
+        finally:
+            flat_mod.FlatBatch.__init__ = orig
+        ob.step()
+        _assert_same(oa, ob, ba, bb)
+        owners = [id(p) for fb in oa._flats.values() for p in fb.params]
+        assert len(owners) == len(set(owners))
+    assert len(builds) == 3  # after the first (per-block) step; at step 4 (3 blocks); at step 5 (all again)

@@ -184,7 +184,7 @@ class FlatBatch:
     def valid(self, groups: list[dict[str, Any]], state: Any) -> bool:
         """The cached layout still describes ``groups`` and ``state``: same groups and storages, and the
         state still holds the flat views (``GSGD.load_state_dict`` drops the layouts anyway)."""
-        if batch_key(groups) != self.key:
+        if batch_key(groups) != self.key or (self.B1 is None) != (groups[0]["momentum"] == 0):
             return False
         if self.B1 is None:
             return True

@@ -226,7 +226,7 @@ class GSGD(Optimizer):
         super().__init__(params, defaults)
         self.check = check
         self.flat = flat
-        self._flats: dict[tuple, FlatBatch] = {}  # flat layouts of block batches, by hyper-parameter key
+        self._flats: dict[tuple, FlatBatch] = {}  # flat layouts of block batches, by their groups
         self._layers: dict[tuple, _Layer] = {}
         self._scratches: dict[tuple, Tensor] = {}
         self._elayouts: dict[int, Any] = {}  # flat layouts of the plain groups (bnlab.optim.psi.flat_sgd_step)
@@ -339,8 +339,8 @@ class GSGD(Optimizer):
                 key = (*_hyper(group), p0.dtype, p0.device)
                 batches.setdefault(key, []).append(group)
         preps = []
-        for key, groups in batches.items():
-            prep = self._prepare_flat(key, groups) if self.flat else None
+        for groups in batches.values():
+            prep = self._prepare_flat(groups) if self.flat else None
             preps.append(self._prepare(groups) if prep is None else prep)
         if preps:
             if self.check:
@@ -515,14 +515,20 @@ class GSGD(Optimizer):
                     wv.addcmul_(bv, col["c_buf"])
                 _put(w, lay, keep)
 
-    def _prepare_flat(self, key: tuple, groups: list[dict[str, Any]]) -> _Prep | None:
+    def _prepare_flat(self, groups: list[dict[str, Any]]) -> _Prep | None:
         """:meth:`_prepare` on the flat layout of the batch (built or rebuilt here when needed): the same
         (sum H,) vectors, from a few whole-batch ops. None (nothing done) where the batch does not qualify
-        (:func:`bnlab.optim._gsgd_flat.eligible`; e.g. the first step with momentum)."""
+        (:func:`bnlab.optim._gsgd_flat.eligible`; e.g. the first step with momentum). Layouts are cached by
+        the batch's groups (not their hyper-parameter values: an lr schedule keeps the layout); building one
+        drops any cached layout that shares a parameter with it."""
+        key = tuple(map(id, groups))
         fb = self._flats.get(key)
         if fb is None or not fb.valid(groups, self.state):
             if not eligible(groups, self.state):
                 return None
+            mine = {id(p) for g in groups for p in g["params"]}
+            for k in [k for k, old in self._flats.items() if any(id(p) in mine for p in old.params)]:
+                del self._flats[k]
             fb = self._flats[key] = FlatBatch(groups, self.state)
         if not fb.load_grads():
             return None
