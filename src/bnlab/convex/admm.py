@@ -241,9 +241,10 @@ def repair_cone(p: ConvexBNProblem, W: Tensor, rounds: int = 10, rank_tol: float
     Sb = G[bad] < 0                                                    # violated rows
     w = w0.clone()
     todo = torch.arange(bad.numel(), device=W.device)                  # blocks whose S changed
+    UU = (Up[:, :, None] * Up[:, None, :]).reshape(Up.shape[0], q * q)  # (N, q²): rows u_i u_i^T
     for rnd in range(rounds):
         info["rounds"] = rnd + 1
-        Ms = (Up.T[None] * Sb[todo].to(Up.dtype)[:, None, :]) @ Up      # (b, q, q) = U'^T diag(1_S) U'
+        Ms = (Sb[todo].to(Up.dtype) @ UU).view(-1, q, q)              # (b, q, q) = U'^T diag(1_S) U', one GEMM
         ev, V = torch.linalg.eigh(Ms)
         Vk = V * (ev > rank_tol * ev[:, -1:].clamp_min(1e-300)).to(Up.dtype)[:, None, :]
         w[todo] = w0[todo] - (Vk @ (Vk.transpose(1, 2) @ w0[todo, :, None]))[..., 0]
