@@ -431,3 +431,28 @@ def test_polish_multipliers_refine_support_blocks_tightens_a_valid_bound(seed, n
     b_t, b_f = float(p.dual_bound(Wp, lam_t)[0]), float(p.dual_bound(Wp, lam_f)[0])
     assert b_t <= ref * (1 + 1e-9)                                       # still a valid lower bound
     assert b_t > b_f + 0.1 * (ref - b_f)                                 # and much tighter (~2-4x closer here)
+    # the FISTA's early stop (all refined ratios <= 1) loses nothing against running all its steps
+    b_full = float(p.dual_bound(Wp, _multipliers(p, Wp, r["Yd"], sup, F, refine_stop=None))[0])
+    assert b_full <= ref * (1 + 1e-9) and b_t >= b_full - 1e-9 * abs(b_full)
+
+
+def test_refine_blocks_early_stop_loses_nothing_for_the_bound():
+    from bnlab.convex.polish import _block_ratios, _refine_blocks
+
+    p = _problem(n=40, seed=0, beta=0.1, gates=60)
+    ref = solve(p, "clarabel", solver_opts={"tol_gap_rel": 1e-11, "tol_gap_abs": 1e-11, "tol_feas": 1e-11})
+    nu = 0.9 * (p.Y - p.predict(T(ref.W)))                              # strictly dual-feasible direction
+    allb = [torch.arange(2 * p.n_patterns)]
+    lam_s = p.Up.new_zeros(1, 2 * p.n_patterns, p.Up.shape[0])
+    lam_f = lam_s.clone()
+    _refine_blocks(p, lam_s, nu, allb, 400, stop_at=1.0)
+    _refine_blocks(p, lam_f, nu, allb, 400)
+    r_s, r_f = _block_ratios(p, lam_s, nu), _block_ratios(p, lam_f, nu)
+    assert float(r_s.max()) <= 1.0 and float(r_f.max()) <= 1.0 and bool((lam_s >= 0).all())
+    assert float((lam_s - lam_f).abs().max()) > 0                      # it did stop early
+
+    def bound(r):                                                       # problem.dual_bound's t scaling
+        t = min(float((nu * p.Y).sum() / (nu ** 2).sum()), 1.0 / float(r.max()), 1.0)
+        return float(p.neg_conj(t * nu))
+
+    assert bound(r_s) == pytest.approx(bound(r_f), rel=1e-14) and bound(r_s) <= ref.objective * (1 + 1e-9)
