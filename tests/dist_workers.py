@@ -7,6 +7,7 @@ to ``<out>/rank<r>.pt``; the tests compare.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Callable
@@ -210,6 +211,7 @@ def run_all(rank: int, world: int, port: int, out_dir: str) -> None:
 
     init_gloo(rank, world, port)
     results: dict[str, Any] = {}
+    ddp = None
     try:
         for name, builder, shape, split in layer_cases():
             try:
@@ -232,4 +234,8 @@ def run_all(rank: int, world: int, port: int, out_dir: str) -> None:
             results[name] = model_result(model, opt)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # free the last DDP wrapper (its reducer holds the gloo group) while the group is alive: a reducer
+        # destroyed after destroy_process_group can hang joining gloo's threads (seen in the 1-rank test)
+        ddp = None  # noqa: F841
+        gc.collect()
         dist.destroy_process_group()
