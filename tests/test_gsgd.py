@@ -278,6 +278,16 @@ def test_pbn_suite_configs_build():
 
 
 # -- the fast in-place step equals a straightforward out-of-place reference -----------------------------
+def _random_block(shapes, gen: torch.Generator, dtype: torch.dtype = DT):
+    """Random weights of one block (``* 0.3``), layer-1 skeleton entries 1.5, later ones 1 (a valid path-space
+    start) -> (weights, masks, roles)."""
+    roles = bpath.roles_for(len(shapes))
+    ms = [bpath.skeleton_mask(s, r, dtype=dtype) for s, r in zip(shapes, roles)]
+    ws = [torch.randn(*s, generator=gen, dtype=dtype) * 0.3 for s in shapes]
+    ws = [ws[0] * (1 - ms[0]) + 1.5 * ms[0]] + [w * (1 - m) + m for w, m in zip(ws[1:], ms[1:])]
+    return ws, ms, roles
+
+
 def _ref_block_step(ws, gs, ms, *, lr, wd, mom, damp, nest, wnorm, r_min, bufs, sbuf):
     """Masked, out-of-place G-SGD step of one block (the pre-optimisation code, kept as the reference)."""
     col = lambda t, d: t.view(1, -1, *([1] * (d - 2)))                    # noqa: E731
@@ -317,10 +327,7 @@ def test_fast_step_equals_reference_over_steps(kw):
     shapes = [[(6, 3, 3, 3), (6, 6, 3, 3), (4, 6, 1, 1)], [(5, 4), (5, 5), (3, 5)]]
     blocks = []
     for shp in shapes:
-        roles = bpath.roles_for(len(shp))
-        ms = [bpath.skeleton_mask(s, r, dtype=DT) for s, r in zip(shp, roles)]
-        ws = [torch.randn(*s, generator=g, dtype=DT) * 0.3 for s in shp]
-        ws = [ws[0] * (1 - ms[0]) + 1.5 * ms[0]] + [w * (1 - m) + m for w, m in zip(ws[1:], ms[1:])]
+        ws, ms, roles = _random_block(shp, g)
         if cl:
             ws = [w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w for w in ws]
         blocks.append((ws, ms, roles))
@@ -356,12 +363,9 @@ def test_block_without_grads_joins_later_and_mixed_dtypes():
     block equals the reference run on it alone."""
     g = torch.Generator().manual_seed(5)
     shp = [(4, 3, 3, 3), (4, 4, 3, 3), (2, 4, 1, 1)]
-    roles = bpath.roles_for(3)
-    ms = [bpath.skeleton_mask(s, r, dtype=DT) for s, r in zip(shp, roles)]
-    inits = []
-    for _ in range(3):
-        ws = [torch.randn(*s, generator=g, dtype=DT) * 0.3 for s in shp]
-        inits.append([ws[0] * (1 - ms[0]) + 1.5 * ms[0]] + [w * (1 - m) + m for w, m in zip(ws[1:], ms[1:])])
+    inits = [_random_block(shp, g) for _ in range(3)]
+    ms, roles = inits[0][1], inits[0][2]
+    inits = [ws for ws, _, _ in inits]
     dts = [DT, DT, torch.float32]
     params = [[nn.Parameter(w.to(dt)) for w in ws] for ws, dt in zip(inits, dts)]
     opt = GSGD([{"params": p, "roles": roles, "block": f"b{i}"} for i, p in enumerate(params)], lr=0.05,

@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from test_gsgd import _random_block
 from torch import nn
 
 import bnlab.optim._gsgd_flat as flat_mod
@@ -25,14 +26,7 @@ SHAPES = [[(6, 3, 3, 3), (6, 6, 3, 3), (4, 6, 1, 1)], [(4, 4, 3, 3), (4, 4, 3, 3
 
 def _blocks(dtype: torch.dtype, seed: int = 3) -> list[list[nn.Parameter]]:
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for shp in SHAPES:
-        roles = bpath.roles_for(len(shp))
-        ms = [bpath.skeleton_mask(s, r, dtype=dtype) for s, r in zip(shp, roles)]
-        ws = [torch.randn(*s, generator=g, dtype=dtype) * 0.3 for s in shp]
-        ws = [ws[0] * (1 - ms[0]) + 1.5 * ms[0]] + [w * (1 - m) + m for w, m in zip(ws[1:], ms[1:])]
-        out.append([nn.Parameter(w) for w in ws])
-    return out
+    return [[nn.Parameter(w) for w in _random_block(shp, g, dtype)[0]] for shp in SHAPES]
 
 
 def _opt(blocks, flat: bool, **kw) -> GSGD:

@@ -194,6 +194,33 @@ def _sigma_term(w: Tensor, g: Tensor, lay: _Layer, scratch: Tensor) -> Tensor:
     return dense - _take(w, lay) * _take(g, lay)
 
 
+def _path_ratio(hp: dict[str, Any], d_s: Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``R = 1 - lr D_s / v`` (sum H,) and, with ``r_min``, the number of clamped entries (then clamped)."""
+    R = 1 - hp["lr"] * d_s / v
+    if hp["r_min"] is None:
+        return R, None
+    return R.clamp_min(hp["r_min"]), (R < hp["r_min"]).sum()
+
+
+_COEF_NAMES = {(False, False): ("a_w", "b_g"), (True, False): ("a_w", "c_buf", "e_g", "f_w"),
+               (True, True): ("a_w", "b_g", "c_buf", "e_g", "f_w")}
+
+
+def _rest_coefficients(hp: dict[str, Any], v: Tensor, R: Tensor) -> tuple[tuple[str, ...], list[Tensor]]:
+    """Per-input-channel coefficients (sum H,) of the layers >= 2 update ``U <- a U [+ b g] [+ c buf]``,
+    ``buf <- mom buf + e g [+ f U]``: their names and values (``f`` only with weight decay)."""
+    lr, wd, mom, damp, nest = (hp[k] for k in ("lr", "weight_decay", "momentum", "dampening", "nesterov"))
+    inv_v, inv_r = 1 / v, 1 / R
+    vecs = [inv_r * (1 - lr * wd) if wd and (mom == 0 or nest) else inv_r]
+    if mom == 0 or nest:
+        vecs.append(-lr * inv_v * inv_v * inv_r)
+    if mom != 0:
+        vecs += [(-lr * mom if nest else -lr) * inv_v * inv_r, (1 - damp) * inv_v]
+        if wd:
+            vecs.append(wd * (1 - damp) * v)
+    return _COEF_NAMES[(mom != 0, bool(nest) and mom != 0)][:len(vecs)], vecs
+
+
 class GSGD(Optimizer):
     """G-SGD (see module docstring). ``params``: :func:`bnlab.path.param_groups` output: groups with
     ``roles`` (a block's weights, in order) get the path-space update; groups without are plain SGD.
@@ -419,11 +446,7 @@ class GSGD(Optimizer):
                 has = torch.cat([torch.full(t.shape, s is not None, device=v.device) for s, t in zip(olds, vs)])
                 sbuf = torch.where(has, old * mom + d_s * (1 - hp["dampening"]), d_s)
             d_s = d_s + mom * sbuf if hp["nesterov"] else sbuf
-        R = 1 - hp["lr"] * d_s / v
-        clamped = None
-        if hp["r_min"] is not None:
-            clamped = (R < hp["r_min"]).sum()
-            R = R.clamp_min(hp["r_min"])
+        R, clamped = _path_ratio(hp, d_s, v)
         return _Prep(groups, ws, g0s, gds, lays, [t.numel() for t in vs], v, R, sbuf, clamped)
 
     def _apply(self, b: _Prep) -> None:
@@ -471,17 +494,7 @@ class GSGD(Optimizer):
             _put(w, lay[0], s)
         # layers >= 2: U <- (U - lr D / v_k) / R_k off-skeleton, D = g / v_k + wd U v_k (or its buffer);
         # written as U <- a U + b g (+ c buf), buf <- mom buf + e g (+ f U), a..f per input channel k
-        inv_v, inv_r = 1 / v, 1 / R
-        names, vecs = ["a_w"], [inv_r * (1 - lr * wd) if wd and (mom == 0 or nest) else inv_r]
-        if mom == 0 or nest:
-            names.append("b_g")
-            vecs.append(-lr * inv_v * inv_v * inv_r)
-        if mom != 0:
-            names += ["c_buf", "e_g"]
-            vecs += [(-lr * mom if nest else -lr) * inv_v * inv_r, (1 - damp) * inv_v]
-            if wd:
-                names.append("f_w")
-                vecs.append(wd * (1 - damp) * v)
+        names, vecs = _rest_coefficients(hp, v, R)
         stacked = torch.stack(vecs).split(sizes, dim=1)
         for group, ws, gs, lays, vb, st, z in zip(b.groups, b.ws, b.gd, b.lays, v.split(sizes), stacked, zeros):
             spread: dict[int, Tensor] = {}
@@ -540,11 +553,7 @@ class GSGD(Optimizer):
         if mom != 0:
             sbuf = fb.SB * mom + d_s * (1 - hp["dampening"])
             d_s = d_s + mom * sbuf if hp["nesterov"] else sbuf
-        R = 1 - hp["lr"] * d_s / v
-        clamped = None
-        if hp["r_min"] is not None:
-            clamped = (R < hp["r_min"]).sum()
-            R = R.clamp_min(hp["r_min"])
+        R, clamped = _path_ratio(hp, d_s, v)
         return _Prep(groups, [], fb.g1, [], [], fb.sizes, v, R, sbuf, clamped, fb, g1sum)
 
     def _apply_flat(self, b: _Prep) -> None:
@@ -555,15 +564,7 @@ class GSGD(Optimizer):
         v, R = b.v, b.R
         if b.sbuf is not None:
             fb.SB.copy_(b.sbuf)
-        inv_v, inv_r = 1 / v, 1 / R
-        vecs = [inv_r * (1 - lr * wd) if wd and (mom == 0 or nest) else inv_r]
-        if mom == 0 or nest:
-            vecs.append(-lr * inv_v * inv_v * inv_r)
-        if mom != 0:
-            vecs += [(-lr * mom if nest else -lr) * inv_v * inv_r, (1 - damp) * inv_v]
-            if wd:
-                vecs.append(wd * (1 - damp) * v)
-        fb.coefficients(torch.stack(vecs))
+        fb.coefficients(torch.stack(_rest_coefficients(hp, v, R)[1]))
         fb.update_rest(mom, wd, nest)
         fb.update_first(lr, mom, damp, wd, nest, v * R)
 
