@@ -201,6 +201,13 @@ def admm_bound(p: ConvexBNProblem, Z: Tensor, Yd: Tensor, gated: bool = False) -
         A = p.A.T[None]
         M = M + A * (A * (-Yd - M)).clamp_min(0)
     R = M @ p.Up
+    return _scaled_dual_value(p, nu, R)
+
+
+def _scaled_dual_value(p: ConvexBNProblem, nu: Tensor, R: Tensor) -> float:
+    """Dual objective at ``(t nu, t lambda)``: ``R`` (..., q) holds the blocks' ``U'^T(sigma_j D_j nu +
+    (2D_j-1) lambda_j)``; ``t <= 1`` scales them into ``||.|| <= beta`` (the squared loss also takes the best
+    ``t`` along the ray). Shared by the dual bounds of both ADMM layouts."""
     if p.weights is not None:
         R = R / p.weights
     worst = float(R.norm(dim=-1).max()) / p.beta
@@ -276,15 +283,7 @@ def admm_bound_nj(p: ConvexBNProblem, Z: Tensor, Yd: Tensor, gated: bool = False
         A = p.A
         M = M + A * (A * (-Yd - M)).clamp_min_(0)
     R = M.transpose(1, 2) @ p.Up                                      # (C, 2P, q)
-    if p.weights is not None:
-        R = R / p.weights
-    worst = float(R.norm(dim=-1).max()) / p.beta
-    t_max = min(1.0, 1.0 / max(worst, 1e-300))
-    if p.loss == "squared":
-        t = min(max(float((nu * p.Y).sum()) / max(float((nu ** 2).sum()), 1e-300), 0.0), t_max)
-    else:
-        t = t_max
-    return float(p.neg_conj(t * nu))
+    return _scaled_dual_value(p, nu, R)
 
 
 def admm_network(p: ConvexBNProblem, tol: float = 1e-6, max_iter: int = 20000, rho: float | None = None,
