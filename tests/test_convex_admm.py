@@ -213,7 +213,9 @@ def test_repair_cone_is_exactly_feasible_and_polish_is_optimal_rescaling():
     assert float(p.violation(W3r)) <= 1e-12 and float(p.violation(polish_scale(p, W3r))) <= 1e-12
 
 
-def test_admm_program_certificate_on_digits_matches_clarabel():
+@pytest.fixture(scope="module")
+def digits_problem():
+    """sklearn digits 0/1 (80 samples), top-6 whitening, 25 patterns, beta 0.5, and its tight Clarabel solution."""
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -225,6 +227,11 @@ def test_admm_program_certificate_on_digits_matches_clarabel():
         D = sample_patterns(wh.Up, 25, seed=0)
     prob = ConvexBNProblem(T(wh.Up), T(D), T(y), 0.5)
     ref = solve(prob, "clarabel", solver_opts={"tol_gap_rel": 1e-10, "tol_gap_abs": 1e-10, "tol_feas": 1e-10})
+    return prob, ref
+
+
+def test_admm_program_certificate_on_digits_matches_clarabel(digits_problem):
+    prob, ref = digits_problem
     sol = solve(prob, "admm", tol=1e-7)
     assert sol.converged and sol.solver == "admm" and sol.gap <= 1e-7
     assert float(prob.violation(T(sol.W))) <= 1e-12                         # recomputed, not just reported
@@ -340,20 +347,10 @@ def test_admm_network_fast_path_certifies_against_clarabel(seed, beta):
     assert r64["dual"] <= ref.objective * (1 + 1e-9) and r64["objective"] <= ref.objective * (1 + tol)
 
 
-def test_admm_network_fast_path_on_digits_and_float32_fallback():
-    from sklearn.datasets import load_digits
-
+def test_admm_network_fast_path_on_digits_and_float32_fallback(digits_problem):
     from bnlab.convex.admm import admm_network
 
-    X, y = load_digits(return_X_y=True)
-    m = y < 2
-    X, y = X[m][:80] / 16.0, np.where(y[m][:80] == 1, 1.0, -1.0)
-    wh = whiten(X, 6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PatternWarning)
-        D = sample_patterns(wh.Up, 25, seed=0)
-    prob = ConvexBNProblem(T(wh.Up), T(D), T(y), 0.5)
-    ref = solve(prob, "clarabel", solver_opts={"tol_gap_rel": 1e-10, "tol_gap_abs": 1e-10, "tol_feas": 1e-10})
+    prob, ref = digits_problem
     sol = solve(prob, "admm-network", tol=1e-4)
     net = float(prob.objective(T(sol.W), gated=False))
     assert sol.converged and net <= sol.dual_bound + 1e-4 * net and sol.dual_bound <= ref.objective * (1 + 1e-9)
