@@ -32,18 +32,18 @@ from torch import Tensor
 
 from ..path.skeleton import skeleton_mask
 
-__all__ = ["FlatBatch", "batch_key", "eligible"]
+__all__ = ["FlatBatch", "batch_key", "eligible", "skeleton_entries"]
 
 GATHER_MAX = 1 << 21  # batches up to this many elements copy their gradients into flat buffers
 
 
-def _skeleton_offsets(shape: torch.Size, role: str, device: torch.device) -> Tensor:
-    """Flat (row-major) offsets of the ``H`` skeleton entries of a weight of ``shape``, ordered by hidden
-    channel ``k`` (rows of layer 1, input channels of layers >= 2) -> (H,) long."""
+def skeleton_entries(shape: torch.Size, role: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The ``H`` skeleton entries of a weight of ``shape``, ordered by hidden channel ``k`` (rows of layer
+    1, input channels of layers >= 2): their indices (H, dim) and row-major flat offsets (H,)."""
     nz = skeleton_mask(shape, role, device).nonzero()
     nz = nz[torch.argsort(nz[:, 0 if role == "first" else 1], stable=True)]
     strides = torch.tensor(torch.empty(shape, device="meta").stride(), device=device)
-    return (nz * strides).sum(1)
+    return nz, (nz * strides).sum(1)
 
 
 def batch_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
@@ -54,9 +54,10 @@ def batch_key(groups: list[dict[str, Any]]) -> tuple[Any, ...]:
 
 
 def eligible(groups: list[dict[str, Any]], state: Any) -> bool:
-    """True when the flat path can take this batch: contiguous float weights and dense gradients of one
-    dtype/device, no ``wnorm``/``maximize``, and (with momentum) every block's momentum and skeleton
-    buffers present (the first step, which creates them, runs on the per-block path)."""
+    """True when a flat layout can be built for this batch: contiguous float weights of one dtype/device, no
+    ``wnorm``/``maximize``, and (with momentum) every block's momentum and skeleton buffers present (the first
+    step, which creates them, runs on the per-block path). The gradients are checked each step by
+    :meth:`FlatBatch.load_grads`."""
     hp = groups[0]
     if hp["wnorm"] or hp["maximize"] or not isinstance(hp["lr"], (int, float)):
         return False
@@ -64,11 +65,8 @@ def eligible(groups: list[dict[str, Any]], state: Any) -> bool:
     if p0.dtype not in (torch.float32, torch.float64):
         return False
     for g in groups:
-        for p in g["params"]:
-            gr = p.grad
-            if gr is None or gr.is_sparse or not p.is_contiguous() or not gr.is_contiguous() or \
-                    gr.dtype != p.dtype or gr.device != p.device:
-                return False
+        if not all(p.is_contiguous() and p.dtype == p0.dtype and p.device == p0.device for p in g["params"]):
+            return False
         if hp["momentum"] != 0:
             st = state.get(g["params"][0], {})
             if st.get("skeleton_buffer") is None or \
@@ -113,7 +111,7 @@ class FlatBatch:
             self.gviews = [v.view(p.shape) for v, p in zip(self.G1.split(n1), self.firsts)] + \
                 [v.view(p.shape) for v, p in zip(self.G2.split(n2), self.rest)]
         # skeleton offsets into W1 (ordered by block, then k) and into W2 (by layer, then k)
-        self.local1 = [_skeleton_offsets(p.shape, "first", dev) for p in self.firsts]
+        self.local1 = [skeleton_entries(p.shape, "first", dev)[1] for p in self.firsts]
         self.local2: list[Tensor] = []
         off, parts1, parts2 = 0, [], []
         for loc, n in zip(self.local1, n1):
@@ -124,7 +122,7 @@ class FlatBatch:
         layer_k, cidx, shapes = [], [], []
         for g, s in zip(groups, starts):
             for p, role in zip(g["params"][1:], g["roles"][1:]):
-                self.local2.append(_skeleton_offsets(p.shape, role, dev))
+                self.local2.append(skeleton_entries(p.shape, role, dev)[1])
                 parts2.append(self.local2[-1] + off)
                 off += p.numel()
                 h, taps = p.shape[1], p[0, 0].numel()
@@ -202,7 +200,7 @@ class FlatBatch:
         done) when one is missing, sparse or not a dense contiguous tensor of the weights' dtype."""
         gs = [p.grad for p in self.params]
         for g in gs:
-            if g is None or g.is_sparse or g.dtype != self.W1.dtype or \
+            if g is None or g.is_sparse or g.dtype != self.W1.dtype or g.device != self.W1.device or \
                     not (self.gather_mode or g.is_contiguous()):
                 return False
         nf = len(self.firsts)

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
-from ..path.skeleton import ROLES, skeleton_mask
-from ._gsgd_flat import FlatBatch, eligible
+from ..path.skeleton import ROLES
+from ._gsgd_flat import FlatBatch, eligible, skeleton_entries
 from .psi import flat_sgd_step
 
 __all__ = ["GSGD", "gsgd_step_block"]
@@ -121,11 +121,8 @@ class _Layer:
     __slots__ = ("flat", "index", "taps")
 
     def __init__(self, shape: torch.Size, role: str, device: torch.device) -> None:
-        nz = skeleton_mask(shape, role, device).nonzero()                  # (H, dim), row-major
-        nz = nz[torch.argsort(nz[:, 0 if role == "first" else 1], stable=True)]
+        nz, self.flat = skeleton_entries(shape, role, device)
         self.index = tuple(nz.unbind(1))
-        strides = torch.tensor(torch.empty(shape, device="meta").stride(), device=device)
-        self.flat = (nz * strides).sum(1)
         self.taps = math.prod(shape[2:])
 
 
