@@ -171,6 +171,30 @@ def gsgd_flat_vs_per_block(model_name: str = "resnet56", width: float = 1.0, rou
     return out
 
 
+def gsgd_op_counts(model_name: str = "resnet56", width: float = 1.0, steps: int = 10) -> dict[str, float]:
+    """ATen calls per G-SGD step (``torch.profiler``, all ``aten::`` ops, views and copies included) of the
+    flat path and of the per-block path (``flat=False``), momentum 0.9, after 3 warm-up steps."""
+    from torch.profiler import profile
+
+    from ..models import build
+    from ..optim.gsgd import GSGD
+    from ..path.reparam import param_groups
+
+    torch.manual_seed(0)
+    model = _with_grads(build(model_name, norm="pbn", width=width), torch.device("cpu"), 32)
+    out = {}
+    for flat in (True, False):
+        opt = GSGD(param_groups(model), lr=1e-4, momentum=0.9, flat=flat)
+        for _ in range(3):
+            opt.step()
+        with profile() as prof:
+            for _ in range(steps):
+                opt.step()
+        calls = sum(k.count for k in prof.key_averages() if k.key.startswith("aten::"))
+        out["flat_calls" if flat else "per_block_calls"] = calls / steps
+    return out
+
+
 def compare_cpu(ours: Callable[[], Any], base: Callable[[], Any], settings: Settings) -> tuple[float, float]:
     """:func:`bnlab.benchmarks.timing.compare` with this thread's CPU time (``time.thread_time``) instead
     of wall time (CPU only): on a machine shared with many processes (load average >> cores) wall-time
@@ -291,7 +315,7 @@ if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD | gsgd-
     import json
 
     ap = argparse.ArgumentParser(description="optimiser step before/after vs SGD(foreach)")
-    ap.add_argument("kind", help="gsgd | gsgd-flat | psi (a path ending in .py: gsgd with that old file)")
+    ap.add_argument("kind", help="gsgd | gsgd-flat | gsgd-ops | psi (a path ending in .py: gsgd with that old file)")
     ap.add_argument("--model", default="resnet56", help="gsgd-flat: model name (pbn)")
     ap.add_argument("--width", type=float, default=1.0, help="gsgd-flat: model width")
     ap.add_argument("old", nargs="?", default=None, help="path of the earlier optim/<kind>.py")
@@ -303,10 +327,12 @@ if __name__ == "__main__":  # python -m bnlab.benchmarks.optim {gsgd OLD | gsgd-
     a = ap.parse_args()
     if a.kind.endswith(".py"):
         a.kind, a.old = "gsgd", a.kind
-    if a.kind not in ("gsgd", "gsgd-flat", "psi"):
-        ap.error(f"kind must be gsgd, gsgd-flat or psi, got {a.kind!r}")
+    if a.kind not in ("gsgd", "gsgd-flat", "gsgd-ops", "psi"):
+        ap.error(f"kind must be gsgd, gsgd-flat, gsgd-ops or psi, got {a.kind!r}")
     torch.set_num_threads(1)
-    if a.kind == "gsgd-flat":
+    if a.kind == "gsgd-ops":
+        print(gsgd_op_counts(a.model, a.width))
+    elif a.kind == "gsgd-flat":
         for row in gsgd_flat_vs_per_block(a.model, a.width, rounds=a.rounds, settings=Settings(reps=a.reps)):
             print({k: round(v, 3) for k, v in row.items()})
     elif a.kind == "gsgd":

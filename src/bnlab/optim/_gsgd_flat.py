@@ -3,8 +3,8 @@
 When a batch of path-space blocks (same hyper-parameters, dtype and device) has contiguous weights and
 gradients, no ``wnorm``/``maximize`` and complete momentum state, its layer-1 weights become views of one flat
 vector ``W1`` and its layers >= 2 views of another, ``W2`` (``p.data`` set once, values copied), and so do the
-momentum buffers (``B1``, ``B2``) and the skeleton buffers. A step is then a few dozen whole-batch ops instead
-of ~1,000 per-block ATen calls:
+momentum buffers (``B1``, ``B2``) and the skeleton buffers. A step is then a few dozen whole-batch ops (431
+ATen calls on a ResNet-56 instead of 3,003, most of them the per-tensor copies of the gradient gather):
 
 * the gradients are gathered into flat buffers ``G1``/``G2`` (one ``_foreach_copy_``) when the batch is small
   (<= ``GATHER_MAX`` elements: there the ~3 ops per tensor it saves cost more than the copy); in a large batch
